@@ -1,0 +1,136 @@
+"""The bidirectional diffusion transformer, assembled from megatron-core parts.
+
+embedding (``VocabParallelEmbedding``) -> ``TransformerBlock`` built from a layer spec
+(portable or Transformer Engine, see :mod:`omnidiff.parallel.specs`) -> final RMSNorm ->
+column-parallel output layer. The forward returns the final hidden states; the loss only ever
+evaluates the output layer at masked positions (:mod:`omnidiff.kernels.masked_head`), and
+:meth:`OmniDiffusionTransformer.logits` gives full logits for sampling and checks.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core import tensor_parallel
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_block import TransformerBlock
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from omnidiff.kernels.attention import block_diagonal_mask
+from omnidiff.kernels.rope import rotary_angles
+from omnidiff.parallel.specs import block_spec
+from omnidiff.platform.config import ModelConfig, ParallelConfig
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_RECOMPUTE = {
+    "none": {},
+    "selective": {"recompute_granularity": "selective"},
+    "full": {"recompute_granularity": "full", "recompute_method": "uniform",
+             "recompute_num_layers": 1},
+}
+
+
+def transformer_config(model: ModelConfig, parallel: ParallelConfig,
+                       perform_initialization: bool = True) -> TransformerConfig:
+    """Translate the run config into megatron-core's ``TransformerConfig`` (one place only)."""
+    dtype = DTYPES[parallel.precision]
+    fp8 = {}
+    if parallel.fp8:
+        fp8 = {"fp8": parallel.fp8, "fp8_recipe": parallel.fp8_recipe,
+               "fp8_amax_history_len": parallel.fp8_amax_history_len,
+               "fp8_amax_compute_algo": "max"}
+    return TransformerConfig(
+        num_layers=model.num_layers,
+        hidden_size=model.hidden_size,
+        num_attention_heads=model.num_attention_heads,
+        num_query_groups=model.num_query_groups,
+        ffn_hidden_size=model.ffn_hidden_size,
+        kv_channels=model.head_dim,
+        normalization="RMSNorm",
+        layernorm_epsilon=model.norm_eps,
+        add_bias_linear=False,
+        add_qkv_bias=model.qkv_bias,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=model.init_std,
+        tensor_model_parallel_size=parallel.tensor_parallel,
+        pipeline_model_parallel_size=parallel.pipeline_parallel,
+        sequence_parallel=parallel.sequence_parallel,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=parallel.precision == "bf16",
+        fp16=parallel.precision == "fp16",
+        # Initialise the full weight and slice it, so TP shards are slices of the TP=1 model.
+        use_cpu_initialization=True,
+        perform_initialization=perform_initialization,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
+        **_RECOMPUTE[parallel.recompute],
+        **fp8,
+    )
+
+
+class OmniDiffusionTransformer(MegatronModule):
+    """Token ids of packed rows -> final hidden states ``[s, b, h]`` (full sequence)."""
+
+    def __init__(self, config: TransformerConfig, vocab_size: int, rope_theta: float,
+                 use_transformer_engine: bool = False) -> None:
+        super().__init__(config=config)
+        self.vocab_size = vocab_size
+        self.rope_theta = rope_theta
+        self.embedding = tensor_parallel.VocabParallelEmbedding(
+            num_embeddings=vocab_size, embedding_dim=config.hidden_size,
+            init_method=config.init_method, config=config,
+            reduce_scatter_embeddings=config.sequence_parallel,
+        )
+        self.decoder = TransformerBlock(
+            config=config, spec=block_spec(config.num_layers, use_transformer_engine)
+        )
+        self.output_layer = tensor_parallel.ColumnParallelLinear(
+            config.hidden_size, vocab_size, config=config, init_method=config.init_method,
+            bias=False, gather_output=False,
+        )
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """``[b, s]`` ids -> ``[s, b, h]`` (this rank's sequence slice under SP)."""
+        hidden = self.embedding(input_ids)
+        if not self.config.sequence_parallel:  # SP's reduce-scatter already transposed
+            hidden = hidden.transpose(0, 1).contiguous()
+        return hidden
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                segment_ids: torch.Tensor) -> torch.Tensor:
+        hidden = self.embed(input_ids)
+        hidden = self.decoder(
+            hidden,
+            attention_mask=block_diagonal_mask(segment_ids),
+            rotary_pos_emb=rotary_angles(position_ids, self.config.kv_channels,
+                                         self.rope_theta),
+        )
+        if self.config.sequence_parallel:
+            # Backward only splits: the LM head all-reduces its input gradient over TP.
+            hidden = tensor_parallel.gather_from_sequence_parallel_region(
+                hidden, tensor_parallel_output_grad=False
+            )
+        return hidden
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Full logits of this rank's vocabulary shard, ``[s, b, V / tp]``."""
+        return self.output_layer(hidden)[0]
+
+
+def build_model(model: ModelConfig, parallel: ParallelConfig, vocab_size: int,
+                perform_initialization: bool = True) -> OmniDiffusionTransformer:
+    """Build on the current default device (use ``torch.device('meta')`` to only count)."""
+    config = transformer_config(model, parallel, perform_initialization)
+    return OmniDiffusionTransformer(config, vocab_size, model.rope_theta,
+                                    parallel.transformer_engine)
+
+
+def count_parameters(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
