@@ -7,7 +7,6 @@ block-diagonal and RoPE sees every sample as if it ran alone.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, fields
 
 import torch
@@ -114,23 +113,3 @@ def collate_rows(rows: list[list[TokenSample]], seq_length: int, pad_id: int) ->
     return PackedBatch(input_ids, target_mask, tail_pad_mask, segment_ids, position_ids,
                        sum(len(r) for r in rows), task_counts)
 
-
-def pack_stream(
-    samples: Iterable[TokenSample], seq_length: int, pad_id: int, rows_per_batch: int,
-    packer: SequencePacker | None = None,
-) -> Iterator[PackedBatch]:
-    """Pack a sample stream into micro-batches of ``rows_per_batch`` rows."""
-    packer = packer or SequencePacker(seq_length, pad_id)
-    rows: list[list[TokenSample]] = []
-    for sample in samples:
-        closed = packer.add(sample)
-        if closed:
-            rows.append(closed)
-            if len(rows) == rows_per_batch:
-                yield collate_rows(rows, seq_length, pad_id)
-                rows = []
-    last = packer.flush()
-    if last:
-        rows.append(last)
-    if rows:
-        yield collate_rows(rows, seq_length, pad_id)

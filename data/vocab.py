@@ -194,16 +194,16 @@ class UnifiedVocab:
 
     # --- codes <-> ids -----------------------------------------------------------------------
     def speech_ids(self, codes: torch.Tensor | Sequence[int]) -> torch.Tensor:
-        return _shift(codes, self.speech_offset, self.speech_codebook_size, "speech")
+        return _codes_to_ids(codes, self.speech_offset, self.speech_codebook_size, "speech")
 
     def image_ids(self, codes: torch.Tensor | Sequence[int]) -> torch.Tensor:
-        return _shift(codes, self.image_offset, self.image_codebook_size, "image")
+        return _codes_to_ids(codes, self.image_offset, self.image_codebook_size, "image")
 
     def speech_codes(self, ids: torch.Tensor | Sequence[int]) -> torch.Tensor:
-        return _shift(ids, -self.speech_offset, self.speech_codebook_size, "speech", ids_in=True)
+        return _ids_to_codes(ids, self.speech_offset, self.speech_codebook_size, "speech")
 
     def image_codes(self, ids: torch.Tensor | Sequence[int]) -> torch.Tensor:
-        return _shift(ids, -self.image_offset, self.image_codebook_size, "image", ids_in=True)
+        return _ids_to_codes(ids, self.image_offset, self.image_codebook_size, "image")
 
     def is_speech(self, ids: torch.Tensor) -> torch.Tensor:
         return (ids >= self.speech_offset) & (ids < self.image_offset)
@@ -212,10 +212,17 @@ class UnifiedVocab:
         return (ids >= self.image_offset) & (ids < self.size)
 
 
-def _shift(values, offset: int, count: int, kind: str, ids_in: bool = False) -> torch.Tensor:
-    values = torch.as_tensor(values, dtype=torch.long)
-    out = values + offset
-    if values.numel() and (out.min() < 0 or out.max() >= count):
-        what = f"{kind} token ids" if ids_in else f"{kind} codes"
+def _check_codes(codes: torch.Tensor, count: int, what: str) -> torch.Tensor:
+    if codes.numel() and (codes.min() < 0 or codes.max() >= count):
         raise ValueError(f"{what} out of range for a codebook of {count}")
-    return out
+    return codes
+
+
+def _codes_to_ids(codes, offset: int, count: int, kind: str) -> torch.Tensor:
+    codes = torch.as_tensor(codes, dtype=torch.long)
+    return _check_codes(codes, count, f"{kind} codes") + offset
+
+
+def _ids_to_codes(ids, offset: int, count: int, kind: str) -> torch.Tensor:
+    codes = torch.as_tensor(ids, dtype=torch.long) - offset
+    return _check_codes(codes, count, f"{kind} token ids")

@@ -1,0 +1,55 @@
+"""``omnidiff train CONFIG [section.key=value ...]``: one run, on one process or many.
+
+With ``parallel.nproc_per_node > 1`` the command starts the worker processes itself (like
+torchrun); under an external launcher (torchrun, a Kubernetes job) each process runs the same
+command and joins the given rendezvous.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from omnidiff.parallel.launcher import launched_externally, spawn
+from omnidiff.platform.config import RunConfig, build_config, load_config
+
+NAME = "train"
+HELP = "train a model from a YAML config plus section.key=value overrides"
+
+
+def register(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", nargs="?", help="YAML run config (see jobs/configs/)")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value",
+                        help="override any config key, e.g. schedule.train_steps=50")
+    parser.add_argument("--resume", default=None,
+                        help="'auto' (newest complete checkpoint), 'none', or a checkpoint dir")
+    parser.set_defaults(run=run)
+
+
+def train_worker(raw_config: dict) -> None:
+    """Entry point of one training process (importable, for spawn)."""
+    from omnidiff.parallel import topology
+    from omnidiff.platform.trainer import Trainer
+
+    trainer = Trainer(build_config(raw_config))
+    try:
+        summary = trainer.run()
+        if trainer.is_main and summary.losses:
+            print(f"trained {summary.steps} steps in {summary.seconds:.1f} s: loss "
+                  f"{summary.losses[0]:.4f} -> {summary.losses[-1]:.4f}; "
+                  f"checkpoint {summary.checkpoint}")
+    finally:
+        topology.destroy()
+
+
+def run(args: argparse.Namespace) -> int:
+    overrides = list(args.overrides)
+    if args.resume is not None:
+        overrides.append(f"checkpoint.resume={args.resume}")
+    cfg: RunConfig = load_config(args.config, overrides)
+    raw = cfg.model_dump(mode="json")
+    nproc = cfg.parallel.nproc_per_node
+    if nproc > 1 and not launched_externally():
+        spawn(train_worker, nproc, raw)
+    else:
+        train_worker(raw)
+    return 0
