@@ -8,6 +8,7 @@ command and joins the given rendezvous.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from omnidiff.parallel.launcher import launched_externally, spawn
 from omnidiff.platform.config import RunConfig, build_config, load_config
@@ -42,10 +43,12 @@ def train_worker(raw_config: dict) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    overrides = list(args.overrides)
+    config_path, overrides = args.config, list(args.overrides)
+    if config_path and "=" in config_path and not Path(config_path).exists():
+        config_path, overrides = None, [config_path, *overrides]  # only overrides were given
     if args.resume is not None:
         overrides.append(f"checkpoint.resume={args.resume}")
-    cfg: RunConfig = load_config(args.config, overrides)
+    cfg: RunConfig = load_config(config_path, overrides)
     raw = cfg.model_dump(mode="json")
     nproc = cfg.parallel.nproc_per_node
     if nproc > 1 and not launched_externally():
