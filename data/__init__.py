@@ -1,1 +1,1 @@
-"""data"""
+"""Vocabulary, tokenizers, task sequences, packing, shards, DALI pipelines and demo data."""

@@ -1,1 +1,1 @@
-"""jobs"""
+"""Job definitions: run configs, curriculum stages and benchmarks."""

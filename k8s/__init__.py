@@ -1,1 +1,1 @@
-"""k8s"""
+"""Kubernetes manifests for multi-node runs and their generator."""

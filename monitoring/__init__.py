@@ -1,1 +1,1 @@
-"""monitoring"""
+"""Metrics sinks (JSONL, TensorBoard, MLflow) and throughput / MFU."""

@@ -1,1 +1,1 @@
-"""parallel"""
+"""Process topology, launcher, layer specs, DeepSpeed engines (ZeRO, pipeline) and FP8."""
