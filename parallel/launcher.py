@@ -12,6 +12,7 @@ import socket
 from collections.abc import Callable
 from typing import Any
 
+import torch
 import torch.multiprocessing as mp
 
 _ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -32,8 +33,9 @@ def _worker(local_rank: int, nprocs: int, port: int, fn: Callable[..., Any], arg
     os.environ.update(
         RANK=str(local_rank), WORLD_SIZE=str(nprocs), LOCAL_RANK=str(local_rank),
         LOCAL_WORLD_SIZE=str(nprocs), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-        OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
     )
+    # One compute thread per process unless asked otherwise: N processes share the cores.
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     fn(*args)
 
 

@@ -1,0 +1,37 @@
+"""The train command end to end on the tiny preset, and the learning-rate schedule."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from omnidiff.monitoring.metrics import read_metrics
+from omnidiff.platform.config import ScheduleConfig
+from omnidiff.platform.optim import lr_multiplier
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_schedule_warmup_then_cosine_to_min_ratio():
+    schedule = ScheduleConfig(train_steps=100, warmup_fraction=0.1, min_lr_ratio=0.1)
+    assert lr_multiplier(0, schedule) == pytest.approx(0.1)
+    assert lr_multiplier(9, schedule) == pytest.approx(1.0)
+    assert lr_multiplier(10, schedule) == pytest.approx(1.0)
+    assert lr_multiplier(55, schedule) == pytest.approx(0.55)  # half-way down the cosine
+    assert lr_multiplier(100, schedule) == pytest.approx(0.1)
+
+
+def test_tiny_training_run_halves_the_loss(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "omnidiff.platform.cli", "train", "jobs/configs/tiny.yaml",
+         f"output_dir={tmp_path}", "schedule.train_steps=60", "logging.log_interval=1",
+         "logging.progress_bar=false"],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    losses = [row["loss"] for row in read_metrics(tmp_path)]
+    assert len(losses) == 60
+    assert sum(losses[-5:]) / 5 <= losses[0] / 2, losses
+    assert (tmp_path / "checkpoints" / "step_00000060" / "meta.json").is_file()
+    assert (tmp_path / "config.yaml").is_file()
