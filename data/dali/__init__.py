@@ -1,0 +1,1 @@
+"""DALI media pipelines (reader, image and audio decode) and their plain references."""
