@@ -9,20 +9,16 @@ Resuming needs no cooperation from the sources: the state is the generator state
 source, the pass index and how many samples of that pass were taken; on load each source is
 re-created and fast-forwarded by that many samples.
 
-:func:`load_mixture` reads the mixture YAML written next to a dataset (``sources`` with shard
-lists, ``stages`` with a ratio per source).
+The ratios of each curriculum stage come from a mixture file (:mod:`omnidiff.data.mixture`).
 """
 
 from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 import numpy as np
-import yaml
 
 T = TypeVar("T")
 SourceFactory = Callable[[int], Iterable[T]]
@@ -30,7 +26,7 @@ _END = object()
 
 
 class MixtureError(ValueError):
-    """A bad mixture: unknown or empty source, bad ratio, unreadable mixture file."""
+    """A bad mixture: unknown or empty source, bad ratio, state of another mixture."""
 
 
 class MixtureSampler(Generic[T]):
@@ -111,46 +107,3 @@ class MixtureSampler(Generic[T]):
         self._passes = dict(state["passes"])
         self._taken = dict(state["taken"])
         self._iterators = {}
-
-
-# --- mixture files ----------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Mixture:
-    """A dataset's sources (shard paths, resolved) and each stage's ratios."""
-
-    sources: dict[str, list[Path]]
-    stages: dict[str, dict[str, float]]
-
-    def ratios(self, stage: str) -> dict[str, float]:
-        if stage not in self.stages:
-            raise MixtureError(f"unknown stage {stage!r}; the mixture has {sorted(self.stages)}")
-        return dict(self.stages[stage])
-
-
-def load_mixture(path: str | Path) -> Mixture:
-    """Read a mixture YAML; shard paths are relative to the YAML's folder."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"mixture file not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise MixtureError(f"{path}: not valid YAML ({err})") from None
-    if not isinstance(raw, dict) or not isinstance(raw.get("sources"), dict) \
-            or not isinstance(raw.get("stages"), dict):
-        raise MixtureError(f"{path}: expected mappings 'sources' and 'stages'")
-    sources = {}
-    for name, entry in raw["sources"].items():
-        shards = entry.get("shards") if isinstance(entry, dict) else None
-        if not isinstance(shards, list) or not shards:
-            raise MixtureError(f"{path}: sources.{name}.shards must be a non-empty list")
-        sources[name] = [path.parent / shard for shard in shards]
-    stages = {}
-    for stage, ratios in raw["stages"].items():
-        if not isinstance(ratios, dict):
-            raise MixtureError(f"{path}: stages.{stage} must map source names to ratios")
-        unknown = sorted(set(ratios) - set(sources))
-        if unknown:
-            raise MixtureError(f"{path}: stages.{stage} names unknown sources {unknown}")
-        stages[stage] = {name: float(ratio) for name, ratio in ratios.items()}
-    return Mixture(sources, stages)

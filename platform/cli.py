@@ -16,6 +16,7 @@ from omnidiff.platform.config import ConfigError
 
 COMMAND_MODULES = (
     "omnidiff.platform.commands.train",
+    "omnidiff.platform.commands.demo_data",
 )
 
 
