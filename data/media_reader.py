@@ -82,7 +82,7 @@ def _bytes(tensor) -> np.ndarray:
 
 
 class MediaReader:
-    """Endless iterator of :class:`MediaBatch` for one data-parallel rank (``shard_id`` of ``num_shards``)."""
+    """Endless :class:`MediaBatch` stream of data-parallel rank ``shard_id`` of ``num_shards``."""
 
     def __init__(self, config: MediaReaderConfig, shard_id: int = 0, num_shards: int = 1,
                  state: dict[str, Any] | None = None) -> None:
@@ -109,9 +109,9 @@ class MediaReader:
         self.samples_read = 0
         self.samples_ok = 0
         self._bad_streak = 0
-        self._pipe = None
-        self._open(None)
-        if state is not None:
+        if state is None:
+            self._open(None)
+        else:
             self.load_state_dict(state)
 
     # --- state ------------------------------------------------------------------------------------
@@ -138,7 +138,7 @@ class MediaReader:
                            - total * self.shard_id // self.num_shards)
 
     def state_dict(self) -> dict[str, Any]:
-        """Picklable resume state: DALI reader checkpoint (bytes) + counters + set-up fingerprint."""
+        """Picklable resume state: DALI reader checkpoint (bytes), counters, set-up fingerprint."""
         return {"reader": self._pipe.checkpoint(), "fingerprint": self._fingerprint(),
                 "skipped": dict(self.skipped), "samples_read": self.samples_read,
                 "samples_ok": self.samples_ok}
@@ -171,8 +171,9 @@ class MediaReader:
                 return MediaBatch(samples)
             if self._bad_streak >= max(self.epoch_size, 1):
                 raise MediaReaderError(
-                    f"no valid sample in {self._bad_streak} consecutive reads (a full pass over "
-                    f"shard {self.shard_id}/{self.num_shards} of {len(self._paths)} shards); "
+                    f"no valid sample among {self._bad_streak} consecutive samples (a full pass "
+                    f"over data-parallel part {self.shard_id} of {self.num_shards}, "
+                    f"{len(self._paths)} tar shards); "
                     f"skipped so far: {dict(+self.skipped)}")
 
     def _skip(self, key: str, shard: str, reason: str, detail: str) -> None:
@@ -192,9 +193,10 @@ class MediaReader:
             key = sample_key(member)
             self.samples_read += 1
             try:
-                screened.append((key, shard, screen_sample(
-                    members[0], members[1:1 + n_images], members[1 + n_images:1 + n_images + n_audios],
-                    self.config.limits)))
+                image_slots = members[1:1 + n_images]
+                audio_slots = members[1 + n_images:1 + n_images + n_audios]
+                screened.append((key, shard, screen_sample(members[0], image_slots, audio_slots,
+                                                           self.config.limits)))
             except SampleRejected as rejected:
                 self._bad_streak += 1
                 self._skip(key, shard, rejected.reason, rejected.detail)

@@ -9,8 +9,8 @@
 
 Ratios are relative weights (the released recipe's ``ratio``, REFERENCE §4), normalised per stage;
 a source absent from a stage, or at ratio 0, is not drawn in it. Shard specs are paths, brace
-ranges or globs, relative to the file's folder. :class:`omnidiff.data.mixture_sampler.MixtureSampler`
-draws by these ratios.
+ranges or globs, relative to the file's folder.
+:class:`omnidiff.data.mixture_sampler.MixtureSampler` draws by these ratios.
 """
 
 from __future__ import annotations
@@ -57,7 +57,8 @@ class MixtureConfig(_Strict):
     def ratios(self, stage: str) -> dict[str, float]:
         """The stage's positive ratios, normalised to sum to 1."""
         if stage not in self.stages:
-            raise MixtureConfigError(f"unknown stage {stage!r}; the mixture has {sorted(self.stages)}")
+            raise MixtureConfigError(
+                f"unknown stage {stage!r}; the mixture has {sorted(self.stages)}")
         positive = {name: r for name, r in self.stages[stage].items() if r > 0}
         total = sum(positive.values())
         return {name: r / total for name, r in positive.items()}

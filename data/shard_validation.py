@@ -109,7 +109,8 @@ def _check_audio(index: int, data: Buffer, limits: SampleLimits) -> None:
 
 def screen_sample(json_data: Buffer, image_slots: Sequence[Buffer], audio_slots: Sequence[Buffer],
                   limits: SampleLimits) -> ScreenedSample:
-    """Cheap checks of one sample; ``*_slots[i]`` is member ``image{i}`` / ``audio{i}`` (empty if absent)."""
+    """Cheap checks of one sample; ``*_slots[i]`` is member ``image{i}`` / ``audio{i}`` (empty
+    if absent)."""
     record = _parse_record(json_data)
     for kind, names, limit in (("images", record.images, limits.max_images),
                                ("audios", record.audios, limits.max_audios)):

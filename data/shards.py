@@ -65,7 +65,7 @@ def audio_member(index: int, ext: str) -> str:
 
 
 def slot_extensions(kind: Literal["image", "audio"], index: int) -> str:
-    """DALI ``ext`` set for one media slot, e.g. ``image0.jpg;image0.jpeg;image0.png;image0.webp``."""
+    """DALI ``ext`` set for one media slot, e.g. ``image0.jpg;image0.jpeg;...;image0.webp``."""
     exts, member = (IMAGE_EXTS, image_member) if kind == "image" else (AUDIO_EXTS, audio_member)
     return ";".join(member(index, ext) for ext in exts)
 
@@ -156,8 +156,9 @@ class ShardWriter:
         if self._index:
             write_index(name)
 
-    def write(self, key: str, task: str, messages: Sequence[dict], images: Sequence[MediaInput] = (),
-              audios: Sequence[MediaInput] = (), **metadata) -> None:
+    def write(self, key: str, task: str, messages: Sequence[dict],
+              images: Sequence[MediaInput] = (), audios: Sequence[MediaInput] = (),
+              **metadata) -> None:
         """Write one sample; ``images`` / ``audios`` are in placeholder order."""
         image_data = [_media_bytes(item, IMAGE_EXTS) for item in images]
         audio_data = [_media_bytes(item, AUDIO_EXTS) for item in audios]
@@ -256,9 +257,11 @@ def inspect_shard(path: str | Path) -> ShardInfo:
     files = [m for m in members if m.isfile()]
     if not files:
         raise ShardError(f"shard {path}: contains no files")
-    data_end = max(m.offset_data + -(-m.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE for m in files)
-    if data_end + 2 * tarfile.BLOCKSIZE > size:  # POSIX: two zero blocks end every archive
-        raise ShardError(f"shard {path}: truncated (no end-of-archive marker after the last member)")
+    block = tarfile.BLOCKSIZE
+    data_end = max(m.offset_data + -(-m.size // block) * block for m in files)
+    if data_end + 2 * block > size:  # POSIX: two zero blocks end every archive
+        raise ShardError(f"shard {path}: truncated (no end-of-archive marker after the last "
+                         "member)")
     keys = {sample_key(m.name) for m in files if not Path(m.name).name.startswith(".")}
     return ShardInfo(path, None, len(keys))
 

@@ -37,8 +37,8 @@ _LAYOUTS = (  # task, messages (role, content), generated-or-not per placeholder
 def smooth_image(rng: np.random.Generator, width: int, height: int) -> np.ndarray:
     """``[height, width, 3]`` uint8: random low-frequency colour waves plus noise (sigma 6)."""
     y, x = np.mgrid[0:height, 0:width] / max(width, height)
-    channels = [127 + 100 * np.sin(rng.uniform(2, 9) * x + rng.uniform(1, 7) * y + rng.uniform(0, 6))
-                for _ in range(3)]
+    channels = [127 + 100 * np.sin(rng.uniform(2, 9) * x + rng.uniform(1, 7) * y
+                                   + rng.uniform(0, 6)) for _ in range(3)]
     pixels = np.stack(channels, axis=-1) + rng.normal(0, 6, (height, width, 3))
     return np.clip(pixels, 0, 255).astype(np.uint8)
 
@@ -51,7 +51,7 @@ def encode_image(pixels: np.ndarray, ext: str) -> bytes:
 
 
 def tones(rng: np.random.Generator, rate: int, seconds: float, channels: int = 1) -> np.ndarray:
-    """``[frames, channels]`` float: eight sines between 80 Hz and min(6 kHz, 0.4 rate), peak 0.8."""
+    """``[frames, channels]`` float: eight sines in [80 Hz, min(6 kHz, 0.4 rate)], peak 0.8."""
     t = np.arange(int(rate * seconds)) / rate
     freqs = rng.uniform(80, min(6000, 0.4 * rate), 8)
     wave = sum(np.sin(2 * np.pi * f * t + rng.uniform(0, 6)) for f in freqs)
@@ -83,8 +83,10 @@ def synthetic_sample(rng: np.random.Generator, index: int,
         images.append((ext, encode_image(smooth_image(rng, width, height), ext)))
     audios = []
     for _ in range(n_audios):
-        rate, ext = audio_rates[rng.integers(len(audio_rates))], audio_exts[rng.integers(len(audio_exts))]
-        audios.append((ext, encode_audio(tones(rng, rate, audio_seconds, 1 + rng.integers(2)), rate, ext)))
+        rate = audio_rates[rng.integers(len(audio_rates))]
+        ext = audio_exts[rng.integers(len(audio_exts))]
+        wave = tones(rng, rate, audio_seconds, 1 + rng.integers(2))
+        audios.append((ext, encode_audio(wave, rate, ext)))
     return {"key": f"sample{index:07d}", "task": task, "messages": messages, "images": images,
             "audios": audios}
 
@@ -100,7 +102,7 @@ def _corrupt(kind: str, sample: dict) -> dict[str, bytes]:
         prefix = kind.split("_")[1]
         name = next((n for n in members if n.startswith(prefix)), None)
         if name is None:
-            raise ValueError(f"corruption {kind} needs a sample with {prefix} media, {sample['key']} has none")
+            raise ValueError(f"corruption {kind} needs {prefix} media; {sample['key']} has none")
         size = len(members[name])
         members[name] = (members[name][: size // 2] if prefix == "image"
                          else np.random.default_rng(size).bytes(size))

@@ -1,4 +1,4 @@
-"""Shard format: writer layout, DALI index, listing errors, sample screening, validation, mixtures."""
+"""Shard format: writer layout, DALI index, listing errors, screening, validation, mixtures."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from omnidiff.data.mixture import MixtureConfigError, load_mixture_config
-from omnidiff.data.shard_validation import SampleLimits, SampleRejected, screen_sample, validate_shard
+from omnidiff.data.shard_validation import (
+    SampleLimits, SampleRejected, screen_sample, validate_shard)
 from omnidiff.data.shards import SampleRecord, ShardError, ShardWriter, list_shards
 from omnidiff.data.synthetic_media import (
     encode_audio, encode_image, smooth_image, tones, write_synthetic_shards)
@@ -18,8 +19,11 @@ RNG = np.random.default_rng(0)
 JPG = encode_image(smooth_image(RNG, 40, 30), "jpg")
 PNG = encode_image(smooth_image(RNG, 30, 40), "png")
 WAV = encode_audio(tones(RNG, 16_000, 0.25), 16_000, "wav")
-SPOKEN_VQA = [{"role": "system", "content": "Answer."}, {"role": "user", "content": "<speech>\n<image>"},
+SPOKEN_VQA = [{"role": "system", "content": "Answer."},
+              {"role": "user", "content": "<speech>\n<image>"},
               {"role": "assistant", "content": "Red.\n<speech>"}]
+ASR = {"task": "asr", "messages": [{"role": "user", "content": "<speech>"}],
+       "audios": ["audio0.wav"]}
 
 
 def test_writer_layout_record_and_index(tmp_path):
@@ -94,14 +98,11 @@ def _screen(record, images=(), audios=(), **limits):
     ({"task": "asr"}, (), (), {}, "bad_record", "messages: Field required"),
     ({"task": "asr", "messages": [{"role": "robot", "content": "x"}]}, (), (), {}, "bad_record",
      "messages.0.role"),
-    ({"task": "asr", "messages": [{"role": "user", "content": "<speech>"}], "audios": ["audio0.wav"]},
-     (), (), {}, "missing_media", "audio0.wav"),
-    ({"task": "asr", "messages": [{"role": "user", "content": "<speech>"}], "audios": ["audio0.wav"]},
-     (), (b"RIFF" + bytes(40),), {}, "bad_audio", "audio0"),
+    (ASR, (), (), {}, "missing_media", "audio0.wav"),
+    (ASR, (), (b"RIFF" + bytes(40),), {}, "bad_audio", "audio0"),
     ({"task": "c", "messages": [{"role": "user", "content": "<image>"}], "images": ["image0.jpg"]},
      (b"\xff\xd8garbage",), (), {}, "bad_image", "image0"),
-    ({"task": "asr", "messages": [{"role": "user", "content": "<speech>"}], "audios": ["audio0.wav"]},
-     (), (WAV,), {"max_audio_seconds": 0.2}, "too_long", "0.2 s"),
+    (ASR, (), (WAV,), {"max_audio_seconds": 0.2}, "too_long", "0.2 s"),
     ({"task": "c", "messages": [{"role": "user", "content": "<image>"}], "images": ["image0.jpg"]},
      (JPG,), (), {"max_image_pixels": 1000}, "too_long", "40x30"),
     ({"task": "t", "messages": [{"role": "user", "content": "x" * 50}]}, (), (),

@@ -94,7 +94,7 @@ def _audio(gpu: bool, sample_rate: int, n_mels: int, window: int, hop: int):
 
 def audio_pipeline(max_batch: int, device_id: int | None, sample_rate: int, n_mels: int,
                    window: int, hop: int, num_threads: int = 2) -> Pipeline:
-    """Input ``encoded``; outputs the mono waveform at ``sample_rate`` and, if ``n_mels``, log-mel."""
+    """Input ``encoded``; outputs the mono waveform at ``sample_rate`` (+ log-mel if ``n_mels``)."""
     return _audio(device_id is not None, sample_rate, n_mels, window, hop, batch_size=max_batch,
                   num_threads=num_threads, device_id=device_id)
 

@@ -1,4 +1,4 @@
-"""Plain reference media transforms (PIL, soundfile, NumPy/SciPy) that the DALI pipelines must match.
+"""Plain reference media transforms (PIL, soundfile, NumPy/SciPy) the DALI pipelines must match.
 
 They define the intended output and serve as the baseline of ``jobs/benchmarks/bench_dali.py``:
 

@@ -49,7 +49,8 @@ def write_shards(out: Path, kind: str, count: int, shards: int, args) -> list[Pa
                 writer.write(f"s{index:06d}", "asr", [
                     {"role": "user", "content": "Convert the speech to text.\n<speech>"},
                     {"role": "assistant", "content": "tones"}],
-                    audios=[("wav", encode_audio(tones(rng, rate, args.audio_seconds), rate, "wav"))])
+                    audios=[("wav", encode_audio(tones(rng, rate, args.audio_seconds), rate,
+                                                 "wav"))])
     return writer.shards
 
 
@@ -68,7 +69,8 @@ class ReferenceSamples(IterableDataset):
             for name in record["audios"]:
                 wave = reference.audio_to_model_input(sample[name], self.sample_rate)
                 audios.append(torch.from_numpy(wave))
-                mels.append(torch.from_numpy(reference.log_mel(wave, self.sample_rate, 80, 400, 160)))
+                mel = reference.log_mel(wave, self.sample_rate, 80, 400, 160)
+                mels.append(torch.from_numpy(mel))
             yield {"key": sample["__key__"], "images": images, "audios": audios, "mels": mels}
 
 
@@ -131,7 +133,8 @@ def main(argv: list[str] | None = None) -> None:
             dali_rate, dali_first = _timed(lambda: dali_batches(shards, args), count)
             base_rate, base_first = _timed(lambda: baseline_batches(shards, args), count)
             if dali_first["key"] != base_first["key"]:
-                raise RuntimeError(f"first samples differ: {dali_first['key']} vs {base_first['key']}")
+                raise RuntimeError(
+                    f"first samples differ: {dali_first['key']} vs {base_first['key']}")
             print(f"{kind:<8} {count:>8} {dali_rate:>9.1f} {base_rate:>11.1f} "
                   f"{dali_rate / base_rate:>6.2f} {_max_difference(dali_first, base_first):>9.4f}")
 
