@@ -93,20 +93,25 @@ def speech_words() -> set[str]:
 
 
 @lru_cache(maxsize=None)
-def _original(name: str) -> Image.Image:
-    """The photo as RGB (grey and boolean pictures converted); loaded once per process."""
+def _original(name: str, size: int) -> Image.Image:
+    """The photo as RGB, short side at most ``2 * size`` (cheap crops); loaded once per process."""
     array = getattr(skdata, name)()
     if isinstance(array, tuple):  # stereo_motorcycle: (left, right, disparity)
         array = array[0]
     array = np.asarray(array)
     if array.dtype == bool:
         array = array.astype(np.uint8) * 255  # False is the horse: black on white
-    return Image.fromarray(array).convert("RGB")
+    image = Image.fromarray(array).convert("RGB")
+    scale = 2 * size / min(image.size)
+    if scale < 1:
+        image = image.resize((round(image.width * scale), round(image.height * scale)),
+                             Image.BICUBIC)
+    return image
 
 
 def augmented_photo(photo: Photo, rng: np.random.Generator, size: int = 256) -> Image.Image:
     """A random square crop of the photo, resized to ``size``, lightly jittered."""
-    image = _original(photo.name)
+    image = _original(photo.name, size)
     width, height = image.size
     side = int(min(width, height) * rng.uniform(0.75, 1.0))
     left = int(rng.integers(0, width - side + 1))

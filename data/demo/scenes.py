@@ -124,7 +124,7 @@ def render_scene(scene: Scene, rng: np.random.Generator, size: int = 256) -> Ima
         color = np.clip(np.array(COLORS[item.color]) + rng.integers(-15, 16, size=3), 0, 255)
         _draw_shape(draw, item.shape, cx * big, cy * big, radius * big, tuple(int(c) for c in color),
                     float(rng.uniform(-0.3, 0.3)))
-    return image.resize((size, size), Image.LANCZOS)
+    return image.reduce(2)
 
 
 def _layout(scene: Scene, rng: np.random.Generator) -> list[tuple[float, float, float]]:
