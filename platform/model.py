@@ -18,28 +18,33 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from omnidiff.kernels.attention import block_diagonal_mask
 from omnidiff.kernels.rope import rotary_angles
+from omnidiff.parallel.precision import require_gpu_stack
+from omnidiff.parallel.recompute import OmniTransformerConfig, recompute_settings
 from omnidiff.parallel.specs import block_spec
 from omnidiff.platform.config import ModelConfig, ParallelConfig
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-_RECOMPUTE = {
-    "none": {},
-    "selective": {"recompute_granularity": "selective"},
-    "full": {"recompute_granularity": "full", "recompute_method": "uniform",
-             "recompute_num_layers": 1},
-}
 
 
 def transformer_config(model: ModelConfig, parallel: ParallelConfig,
                        perform_initialization: bool = True) -> TransformerConfig:
-    """Translate the run config into megatron-core's ``TransformerConfig`` (one place only)."""
+    """Translate the run config into megatron-core's ``TransformerConfig`` (one place only).
+
+    Raises :class:`~omnidiff.parallel.precision.MissingGPUStackError` when the config asks for
+    Transformer Engine or FP8 and this machine cannot run them.
+    """
+    require_gpu_stack(parallel)
     dtype = DTYPES[parallel.precision]
-    fp8 = {}
+    te = {}
+    if parallel.transformer_engine:
+        # TE caches FP8 weight casts while ``is_first_microbatch`` is False; only megatron's
+        # schedules reset that flag per step, so our engines recast weights on every call.
+        te = {"disable_parameter_transpose_cache": True}
     if parallel.fp8:
-        fp8 = {"fp8": parallel.fp8, "fp8_recipe": parallel.fp8_recipe,
+        te |= {"fp8": parallel.fp8, "fp8_recipe": parallel.fp8_recipe,
                "fp8_amax_history_len": parallel.fp8_amax_history_len,
                "fp8_amax_compute_algo": "max"}
-    return TransformerConfig(
+    return OmniTransformerConfig(
         num_layers=model.num_layers,
         hidden_size=model.hidden_size,
         num_attention_heads=model.num_attention_heads,
@@ -70,8 +75,9 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig,
         masked_softmax_fusion=False,
         apply_rope_fusion=False,
         persist_layer_norm=False,
-        **_RECOMPUTE[parallel.recompute],
-        **fp8,
+        # megatron's recompute needs CUDA RNG state: only the (GPU-only) TE spec uses it.
+        **recompute_settings(parallel.recompute, megatron_native=parallel.transformer_engine),
+        **te,
     )
 
 

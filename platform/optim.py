@@ -6,6 +6,7 @@ import math
 
 import torch
 
+from omnidiff.parallel.precision import adamw
 from omnidiff.platform.config import OptimizerConfig, ScheduleConfig
 
 
@@ -35,8 +36,9 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(model: torch.nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(parameter_groups(model, cfg.weight_decay), lr=cfg.lr,
-                             betas=cfg.betas, eps=cfg.eps)
+    """AdamW on the model's device: apex/torch fused kernels on CUDA (see ``precision.adamw``)."""
+    return adamw(parameter_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas,
+                 eps=cfg.eps)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer,
