@@ -1,7 +1,14 @@
 """Process topology: the TP x PP x DP layout (torchtitan's ``ParallelDims``) and its set-up.
 
 Rank order is TP fastest, then DP, then PP: megatron-core's default ``tp-cp-ep-dp-pp`` order,
-which the DeepSpeed topology mirrors. gloo on CPU, NCCL on GPU.
+which DeepSpeed's ``PipeModelDataParallelTopology`` (axes pipe, data, model) mirrors; both are
+derived here from the same :class:`ParallelDims` and :func:`rank_groups` checks they agree.
+gloo on CPU, NCCL on GPU.
+
+Seeding (:func:`seed`): every rank seeds the same generator before building the model. With
+megatron's CPU initialisation each rank draws the *full* master weight and keeps its slice
+(``fc1`` with stride 2, so rank r holds [gate_r; up_r]), hence TP shards equal slices of the
+TP=1 model built from the same seed (see :mod:`omnidiff.parallel.resharding`).
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from omnidiff.parallel import cpu_compat
 from omnidiff.parallel.launcher import free_port
 
 
@@ -38,6 +46,33 @@ class ParallelDims:
         return self.world_size // (self.tp * self.pp)
 
 
+MEGATRON_ORDER = "tp-cp-ep-dp-pp"
+_DEEPSPEED_AXES = {"tp": "model", "dp": "data", "pp": "pipe"}
+
+
+def deepspeed_topology(dims: ParallelDims):
+    """DeepSpeed's topology for ``dims`` (for ``PipelineModule(topology=...)``)."""
+    from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+
+    return PipeModelDataParallelTopology(num_pp=dims.pp, num_mp=dims.tp, num_dp=dims.dp)
+
+
+def rank_groups(dims: ParallelDims) -> dict[str, list[list[int]]]:
+    """The TP/DP/PP process groups of megatron's layout; raises if DeepSpeed's would differ."""
+    from megatron.core.parallel_state import RankGenerator
+
+    generator = RankGenerator(tp=dims.tp, ep=1, dp=dims.dp, pp=dims.pp, cp=1,
+                              order=MEGATRON_ORDER)
+    topo = deepspeed_topology(dims)
+    groups = {}
+    for name, axis in _DEEPSPEED_AXES.items():
+        megatron = sorted(generator.get_ranks(name))
+        if megatron != sorted(topo.get_axis_comm_lists(axis)):
+            raise TopologyError(f"megatron and DeepSpeed disagree on the {name} groups for {dims}")
+        groups[name] = megatron
+    return groups
+
+
 def init_process_group(backend: str | None = None, timeout_s: int = 600) -> None:
     """Join (or, for a lone process, create) the default process group.
 
@@ -50,6 +85,7 @@ def init_process_group(backend: str | None = None, timeout_s: int = 600) -> None
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(free_port()))
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    cpu_compat.enable()  # megatron's sequence-parallel collectives, on a CPU-only machine
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
@@ -64,9 +100,24 @@ def initialize(tp: int = 1, pp: int = 1, backend: str | None = None) -> Parallel
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, order=MEGATRON_ORDER
     )
     return dims
+
+
+def seed(seed: int) -> None:
+    """Seed this rank (after :func:`initialize`, before building the model).
+
+    The default generator gets the same seed on every rank: megatron's CPU initialisation draws
+    every full weight and keeps this rank's slice, so TP shards are slices of the TP=1 model.
+    megatron's tracker gets its per-TP-rank states (dropout inside TP regions differs per
+    rank, as in megatron), on CPU generator states when there is no GPU.
+    """
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    torch.manual_seed(seed)
+    cpu_compat.install_rng_tracker()
+    model_parallel_cuda_manual_seed(seed)
 
 
 def destroy() -> None:

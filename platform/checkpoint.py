@@ -9,6 +9,10 @@ Layout::
 A save first writes into ``.tmp_step_*`` and is renamed into place only after every rank has
 written and ``meta.json`` exists, so a crash mid-save leaves the previous checkpoint as the newest
 complete one. Only rank 0 renames and prunes.
+
+Test hook: with ``OMNIDIFF_TEST_STALL_SAVE=<step>`` the last rank hangs just before writing its
+shard of that step's checkpoint (the other shards are written), so a test can kill a run in the
+middle of a save, like a node lost mid-save.
 """
 
 from __future__ import annotations
@@ -23,9 +27,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
 META = "meta.json"
 PREFIX = "step_"
+STALL_ENV = "OMNIDIFF_TEST_STALL_SAVE"
 
 
 def checkpoint_root(output_dir: str | Path) -> Path:
@@ -46,10 +52,14 @@ def _barrier() -> None:
 
 
 def rng_state() -> dict:
+    """Every generator a step may draw from, megatron's per-TP-rank tracker states included."""
     state = {"torch": torch.get_rng_state(), "python": random.getstate(),
              "numpy": np.random.get_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
+    tracker = get_cuda_rng_tracker()
+    if tracker.is_initialized():
+        state["tracker"] = tracker.get_states()
     return state
 
 
@@ -59,6 +69,8 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state(state["numpy"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+    if "tracker" in state:
+        get_cuda_rng_tracker().set_states(state["tracker"])
 
 
 def complete_checkpoints(root: Path) -> list[Path]:
@@ -94,6 +106,9 @@ def save(output_dir: str | Path, step: int, state: dict, keep_last: int,
         tmp.mkdir(parents=True)
     _barrier()
     shard = tmp / f"rank{_rank():05d}.pt"
+    if os.environ.get(STALL_ENV) == str(step) and _rank() == _world() - 1:
+        while True:  # the test hook above: wait to be killed
+            time.sleep(1)
     torch.save({**state, "rng": rng_state()}, shard.with_suffix(".part"))
     os.replace(shard.with_suffix(".part"), shard)
     _barrier()

@@ -50,6 +50,20 @@ def model_loss(model: OmniDiffusionTransformer, noised: NoisedBatch, cfg: RunCon
     return diffusion_loss(hidden, model.output_layer.weight, noised, cfg.diffusion, tp_group)
 
 
+class DiffusionLoss(torch.nn.Module):
+    """Model + objective as one module (``forward(noised) -> loss``) for engines that wrap a
+    module, e.g. DeepSpeed: its hooks then see the whole step, including the output weight the
+    masked head reads directly."""
+
+    def __init__(self, model: OmniDiffusionTransformer, cfg: RunConfig) -> None:
+        super().__init__()
+        self.model = model
+        self.cfg = cfg
+
+    def forward(self, noised: NoisedBatch) -> torch.Tensor:
+        return model_loss(self.model, noised, self.cfg)
+
+
 class SkipGuard:
     """Counts non-finite steps; stops the run after ``limit`` in a row."""
 
@@ -72,6 +86,12 @@ class SkipGuard:
                 "intact: lower the learning rate or check the data, then resume."
             )
         return True
+
+    def state_dict(self) -> dict:
+        return {"total": self.total, "in_a_row": self.in_a_row}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.total, self.in_a_row = state["total"], state["in_a_row"]
 
 
 class LocalEngine:
@@ -106,10 +126,10 @@ class LocalEngine:
 
     def state_dict(self) -> dict:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "skipped_steps": self.guard.total}
+                "scheduler": self.scheduler.state_dict(), "guard": self.guard.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.guard.total = state["skipped_steps"]
+        self.guard.load_state_dict(state["guard"])

@@ -23,11 +23,11 @@ from omnidiff.data.vocab import UnifiedVocab
 from omnidiff.monitoring.metrics import MetricsLogger
 from omnidiff.monitoring.throughput import ThroughputMeter, flops_per_token
 from omnidiff.parallel import topology
+from omnidiff.parallel.engines import build_engine
 from omnidiff.platform import checkpoint
 from omnidiff.platform.config import RunConfig, dump_config
-from omnidiff.platform.diffusion import TailPadder, noise_batch
-from omnidiff.platform.engine import LocalEngine, TrainEngine
-from omnidiff.platform.model import build_model
+from omnidiff.platform.diffusion import NoisedBatch, TailPadder, noise_batch
+from omnidiff.platform.engine import TrainEngine
 
 log = logging.getLogger("omnidiff.train")
 
@@ -42,6 +42,29 @@ def build_vocab(cfg: RunConfig):
     vocab = UnifiedVocab.from_text_tokenizer(tokenizer, cfg.data.speech_codebook_size,
                                              cfg.data.image_codebook_size)
     return vocab, tokenizer
+
+
+def batch_stream(cfg: RunConfig, vocab: UnifiedVocab, tokenizer, dp_rank: int = 0,
+                 dp: int = 1) -> PackedBatchStream:
+    """This DP rank's packed micro-batches (samples dp_rank, dp_rank + dp, ...)."""
+    if cfg.data.source != "synthetic":
+        raise NotImplementedError(f"data.source {cfg.data.source!r} is not wired yet")
+    source = SyntheticSource(SyntheticMultimodal(vocab, tokenizer, cfg.seed),
+                             start=dp_rank, step=dp)
+    transform = None
+    if cfg.diffusion.tail_pad:
+        transform = TailPadder(vocab.eos_id, cfg.diffusion.tail_pad_max,
+                               seed_for(cfg.seed, 1, dp_rank))
+    return PackedBatchStream(source, cfg.data.seq_length, vocab.eos_id,
+                             cfg.data.micro_batch_size, transform)
+
+
+def noised_micro_batches(cfg: RunConfig, vocab: UnifiedVocab, batches: PackedBatchStream,
+                         step: int, count: int, dp_rank: int = 0) -> list[NoisedBatch]:
+    """The next ``count`` micro-batches, noised with seeds fixed by (seed, step, micro, rank)."""
+    return [noise_batch(next(batches), cfg.diffusion, vocab.mask_id,
+                        torch.Generator().manual_seed(seed_for(cfg.seed, step, i, dp_rank)))
+            for i in range(count)]
 
 
 @dataclass
@@ -71,28 +94,13 @@ class Trainer:
                 f"micro_batch_size x data-parallel size ({micro})")
         self.accumulation = cfg.data.global_batch_size // micro
 
-        torch.manual_seed(cfg.seed)  # identical full weights on every rank; TP keeps its slice
         vocab_size = self.vocab.padded_size(cfg.parallel.tensor_parallel)
-        self.engine: TrainEngine = LocalEngine(build_model(cfg.model, cfg.parallel, vocab_size),
-                                               cfg)
-        self.batches = self._batch_stream(tokenizer)
+        self.engine: TrainEngine = build_engine(cfg, vocab_size)
+        self.batches = batch_stream(cfg, self.vocab, tokenizer, self.dp_rank, self.dims.dp)
         self.metrics = MetricsLogger(self.output_dir, tensorboard=cfg.logging.tensorboard)
         scored = 0.5 * 0.6  # ~half the targets masked; targets ~60% of tokens in the demo mix
         self.meter = ThroughputMeter(flops_per_token(cfg.model, vocab_size,
                                                      cfg.data.seq_length, scored))
-
-    def _batch_stream(self, tokenizer) -> PackedBatchStream:
-        cfg = self.cfg
-        if cfg.data.source != "synthetic":
-            raise NotImplementedError(f"data.source {cfg.data.source!r} is not wired yet")
-        source = SyntheticSource(SyntheticMultimodal(self.vocab, tokenizer, cfg.seed),
-                                 start=self.dp_rank, step=self.dims.dp)
-        transform = None
-        if cfg.diffusion.tail_pad:
-            transform = TailPadder(self.vocab.eos_id, cfg.diffusion.tail_pad_max,
-                                   seed_for(cfg.seed, 1, self.dp_rank))
-        return PackedBatchStream(source, cfg.data.seq_length, self.vocab.eos_id,
-                                 cfg.data.micro_batch_size, transform)
 
     # --- checkpoints -------------------------------------------------------------------------
     def _save(self, step: int) -> Path:
@@ -124,12 +132,8 @@ class Trainer:
                    total=cfg.schedule.train_steps, desc="train", unit="step",
                    disable=not (cfg.logging.progress_bar and self.is_main))
         for step in bar:
-            micro_batches = [
-                noise_batch(next(self.batches), cfg.diffusion, self.vocab.mask_id,
-                            torch.Generator().manual_seed(seed_for(cfg.seed, step, i,
-                                                                   self.dp_rank)))
-                for i in range(self.accumulation)
-            ]
+            micro_batches = noised_micro_batches(cfg, self.vocab, self.batches, step,
+                                                 self.accumulation, self.dp_rank)
             result = self.engine.train_step(micro_batches)
             self.meter.add(sum(b.input_ids.numel() for b in micro_batches) * self.dims.dp)
             summary.losses.append(result.loss)
@@ -142,7 +146,8 @@ class Trainer:
                                         "skipped_steps": summary.skipped_steps,
                                         **self.meter.report()})
             interval = cfg.checkpoint.save_interval
-            if (interval and done % interval == 0) or done == cfg.schedule.train_steps:
+            due = (interval and done % interval == 0) or done == cfg.schedule.train_steps
+            if due and not result.skipped:  # so the newest checkpoint is always a good one
                 summary.checkpoint = str(self._save(done))
         summary.steps = len(summary.losses)
         summary.seconds = time.perf_counter() - began

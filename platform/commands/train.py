@@ -8,12 +8,16 @@ command and joins the given rendezvous.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
+
+from torch.multiprocessing import ProcessExitedException
 
 from omnidiff.parallel.launcher import launched_externally, spawn
 from omnidiff.platform.config import RunConfig, build_config, load_config
 
 NAME = "train"
+EXIT_NONFINITE = 3  # too many non-finite steps in a row (the last checkpoint is intact)
 HELP = "train a model from a YAML config plus section.key=value overrides"
 
 
@@ -29,6 +33,7 @@ def register(parser: argparse.ArgumentParser) -> None:
 def train_worker(raw_config: dict) -> None:
     """Entry point of one training process (importable, for spawn)."""
     from omnidiff.parallel import topology
+    from omnidiff.platform.engine import NonFiniteError
     from omnidiff.platform.trainer import Trainer
 
     trainer = Trainer(build_config(raw_config))
@@ -38,6 +43,10 @@ def train_worker(raw_config: dict) -> None:
             print(f"trained {summary.steps} steps in {summary.seconds:.1f} s: loss "
                   f"{summary.losses[0]:.4f} -> {summary.losses[-1]:.4f}; "
                   f"checkpoint {summary.checkpoint}")
+    except NonFiniteError as err:  # every rank sees the same skips, so all stop here
+        if trainer.is_main:
+            print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(EXIT_NONFINITE) from None
     finally:
         topology.destroy()
 
@@ -52,7 +61,12 @@ def run(args: argparse.Namespace) -> int:
     raw = cfg.model_dump(mode="json")
     nproc = cfg.parallel.nproc_per_node
     if nproc > 1 and not launched_externally():
-        spawn(train_worker, nproc, raw)
+        try:
+            spawn(train_worker, nproc, raw)
+        except ProcessExitedException as err:
+            if err.exit_code != EXIT_NONFINITE:
+                raise
+            return EXIT_NONFINITE  # the message was printed by rank 0
     else:
         train_worker(raw)
     return 0

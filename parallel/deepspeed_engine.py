@@ -1,0 +1,157 @@
+"""The distributed engine: DeepSpeed (ZeRO 0-3, DP all-reduce) over a megatron-core TP model.
+
+One :meth:`DeepSpeedEngine.train_step` = one optimizer step over the micro-batches this DP rank
+was given (DeepSpeed's gradient accumulation). What DeepSpeed does not do is added here:
+
+* the sequence-parallel gradient sum over TP (:mod:`omnidiff.parallel.grad_sync`);
+* the gradient norm under TP comes from DeepSpeed with :class:`~omnidiff.parallel.mpu.MegatronMPU`
+  (each TP-sharded parameter counted on every TP rank, replicated ones once), except with
+  ZeRO stage 0 in fp32, where DeepSpeed clips but never reports the norm nor skips a non-finite
+  one: there this engine clips with DeepSpeed's own ``clip_grad_norm_`` (same counting) itself;
+* a non-finite loss or gradient norm skips the whole step (no parameter, Adam or schedule
+  update) and is counted by :class:`~omnidiff.platform.engine.SkipGuard`. ZeRO and the bf16
+  optimizer already skip on a non-finite norm; a non-finite loss is made to poison the
+  gradients so that the same check sees it on every rank.
+
+The LR schedule is stepped here (only after applied steps), and ``state_dict`` holds this
+rank's model shard, its ZeRO optimizer partition, the schedule and the skip counters.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+
+from omnidiff.parallel.grad_sync import register_sequence_parallel_grad_sync
+from omnidiff.parallel.mpu import MegatronMPU
+from omnidiff.platform.config import RunConfig
+from omnidiff.platform.diffusion import NoisedBatch
+from omnidiff.platform.engine import DiffusionLoss, SkipGuard, StepResult
+from omnidiff.platform.model import OmniDiffusionTransformer
+from omnidiff.platform.optim import build_optimizer, build_scheduler
+
+
+def deepspeed_config(cfg: RunConfig, dp: int, clip_in_deepspeed: bool) -> dict:
+    """The DeepSpeed JSON config for a run (batch sizes, ZeRO stage, precision, clipping)."""
+    parallel, data = cfg.parallel, cfg.data
+    micro_total = data.micro_batch_size * dp
+    if data.global_batch_size % micro_total:
+        raise ValueError(f"data.global_batch_size ({data.global_batch_size}) must be a multiple "
+                         f"of micro_batch_size x data-parallel size ({micro_total})")
+    return {
+        "train_batch_size": data.global_batch_size,
+        "train_micro_batch_size_per_gpu": data.micro_batch_size,
+        "gradient_accumulation_steps": data.global_batch_size // micro_total,
+        "gradient_clipping": cfg.optimizer.grad_clip if clip_in_deepspeed else 0.0,
+        "zero_optimization": {"stage": parallel.zero_stage, "elastic_checkpoint": False,
+                              "overlap_comm": False},
+        "zero_allow_untested_optimizer": True,  # the platform's torch AdamW, as LocalEngine
+        "bf16": {"enabled": parallel.precision == "bf16"},
+        "fp16": {"enabled": parallel.precision == "fp16"},
+        "steps_per_print": 2**62,
+        "wall_clock_breakdown": False,
+    }
+
+
+class DeepSpeedEngine:
+    """:class:`~omnidiff.platform.engine.TrainEngine` on DeepSpeed, for TP x DP (PP = 1)."""
+
+    def __init__(self, model: OmniDiffusionTransformer, cfg: RunConfig) -> None:
+        import deepspeed
+
+        logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+        self.model = model
+        self.cfg = cfg
+        self.mpu = MegatronMPU()
+        deepspeed.init_distributed(dist_backend=dist.get_backend())
+        self._sp_hooks = (register_sequence_parallel_grad_sync(
+            model, self.mpu.get_tensor_model_parallel_group())
+            if cfg.parallel.sequence_parallel else [])
+        # ZeRO and DeepSpeed's bf16 optimizer compute (and skip on) the norm; plain stage 0
+        # fp32 hands the step to the torch optimizer, so the norm is taken here.
+        self._norm_here = cfg.parallel.zero_stage == 0 and cfg.parallel.precision == "fp32"
+        optimizer = build_optimizer(model, cfg.optimizer)
+        # Built on the client optimizer: DeepSpeed keeps its param-group dicts, so the lr set
+        # by the schedule reaches the (ZeRO-partitioned) update.
+        self.scheduler = build_scheduler(optimizer, cfg.schedule)
+        self.ds, *_ = deepspeed.initialize(
+            model=DiffusionLoss(model, cfg), optimizer=optimizer, mpu=self.mpu,
+            config=deepspeed_config(cfg, self.mpu.get_data_parallel_world_size(),
+                                    clip_in_deepspeed=not self._norm_here),
+        )
+        self.guard = SkipGuard()
+
+    @property
+    def _dp_group(self):
+        return self.mpu.get_data_parallel_group()
+
+    def train_step(self, micro_batches: Sequence[NoisedBatch]) -> StepResult:
+        expected = self.ds.gradient_accumulation_steps()
+        if len(micro_batches) != expected:
+            raise ValueError(f"train_step got {len(micro_batches)} micro-batches; this rank "
+                             f"accumulates {expected} per optimizer step")
+        self.ds.train()
+        total, grad_norm = 0.0, None
+        for index, noised in enumerate(micro_batches):
+            loss = self.ds(noised)
+            total += float(loss.detach())
+            if not math.isfinite(total):
+                loss = loss * float("nan")  # non-finite gradients -> the norm check skips
+            self.ds.backward(loss)
+            if self._norm_here and index == expected - 1:
+                grad_norm = self._clip_or_discard()  # grads are DP-reduced by now
+            self.ds.step()
+        loss = self._dp_mean(total / expected)
+        if grad_norm is None:
+            grad_norm = float(self.ds.get_global_grad_norm())
+        skipped = self.guard.check(loss, grad_norm)
+        if not self._norm_here and self.ds.was_step_applied() == skipped:
+            raise RuntimeError(f"DeepSpeed and the skip guard disagree on a step with loss "
+                               f"{loss}, grad norm {grad_norm}")
+        lr = self.scheduler.get_last_lr()[0]
+        if not skipped:
+            self.scheduler.step()
+        return StepResult(loss, grad_norm, lr, skipped, sum(b.num_masked for b in micro_batches))
+
+    def _clip_or_discard(self) -> float:
+        """Stage-0 fp32: TP-aware norm + clip; non-finite -> no gradients, so AdamW is a no-op."""
+        from deepspeed.runtime.utils import clip_grad_norm_
+
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        clip = self.cfg.optimizer.grad_clip or math.inf
+        norm = float(clip_grad_norm_(params, clip, mpu=self.mpu))
+        if not math.isfinite(norm):
+            for p in params:
+                p.grad = None
+        return norm
+
+    def _dp_mean(self, value: float) -> float:
+        tensor = torch.tensor([value], dtype=torch.float64)
+        dist.all_reduce(tensor, group=self._dp_group)
+        return float(tensor) / dist.get_world_size(self._dp_group)
+
+    # --- checkpoints: this rank's shard of everything -------------------------------------------
+    def _wrapped_optimizer(self) -> bool:
+        """True when DeepSpeed wraps the optimizer (ZeRO or bf16: flat fp32 master partitions)."""
+        return not isinstance(self.ds.optimizer, torch.optim.Optimizer)
+
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "optimizer": self.ds.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "guard": self.guard.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        if self._wrapped_optimizer():
+            # DeepSpeed reads entry [dp_rank] of a per-DP-rank list; this rank saved its own.
+            partitions = [None] * dist.get_world_size(self._dp_group)
+            partitions[dist.get_rank(self._dp_group)] = state["optimizer"]
+            self.ds.optimizer.load_state_dict(partitions, load_optimizer_states=True,
+                                              load_from_fp32_weights=True)
+        else:
+            self.ds.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.guard.load_state_dict(state["guard"])
