@@ -6,7 +6,10 @@ Everything else (model, engine, recompute) is shared with the CPU path. What liv
   give it fails at build time with ONE error naming everything missing. Without it megatron would
   quietly mock TE (``HAVE_TE = False``) and run FP8 configs unquantised.
 - FP8 recipe support per GPU (TE's own verdict: FP8 needs compute capability 8.9+, blockwise
-  Hopper with CUDA 12.9+, MXFP8 Blackwell).
+  Hopper with CUDA 12.9+, MXFP8 Blackwell). FP8 itself needs no code here: the config's
+  ``fp8*`` keys reach megatron's ``TransformerConfig`` and ``TransformerBlock`` enters
+  ``fp8_autocast`` itself, reducing amaxes over megatron's TP x DP group of the current
+  pipeline stage only (a group spanning stages would hang 1F1B, DeepSpeed #5760).
 - apex: ``FusedAdam`` and the fused RMSNorm kernel when apex's CUDA extensions are built, the
   torch implementations otherwise (and always for CPU tensors).
 - Parameter names of the TE spec vs the portable spec (TE fuses each pre-norm into the linear
@@ -17,7 +20,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 
 import torch
 
@@ -39,12 +42,16 @@ _FP8_RECIPES = {
 
 
 def transformer_engine_problem() -> str | None:
-    """Why ``transformer_engine.pytorch`` cannot be used here, or None when it can."""
+    """Why Transformer Engine cannot be used here, or None when it can.
+
+    Imports what megatron-core 0.16.1 imports (``transformer_engine.pytorch.fp8``): when that
+    fails, megatron silently swaps TE for mocks.
+    """
     if importlib.util.find_spec("transformer_engine") is None:
         return ("not installed; it builds only against a CUDA torch, use the Dockerfile's NGC "
                 "image")
     try:
-        importlib.import_module("transformer_engine.pytorch")
+        importlib.import_module("transformer_engine.pytorch.fp8")
     except (ImportError, OSError, RuntimeError) as err:
         return f"installed but fails to import: {err}"
     return None
@@ -72,7 +79,7 @@ def missing_gpu_stack(fp8_recipe: str | None = None) -> list[str]:
     if fp8_recipe and not missing:
         supported, reason = fp8_recipe_support(fp8_recipe)
         if not supported:
-            missing.append(f"a GPU that runs it ({reason})")
+            missing.append(f"FP8 support for it ({reason})")
     return missing
 
 
@@ -132,25 +139,26 @@ TE_PARAMETER_NAMES = {
 }
 
 
-def _rename(names: Iterable[str], table: Mapping[str, str]) -> dict[str, str]:
+def _renamed(state: Mapping[str, torch.Tensor],
+             table: Mapping[str, str]) -> dict[str, torch.Tensor]:
+    """Suffix renames; ``_extra_state`` (TE's FP8 metadata, None in megatron's local linears)
+    is dropped: it has no counterpart in the other spec, whose modules keep their own."""
     renamed = {}
-    for name in names:
-        new = name
+    for name, value in state.items():
+        if name.endswith("._extra_state"):
+            continue
         for old_suffix, new_suffix in table.items():
             if name.endswith("." + old_suffix):
-                new = name[: -len(old_suffix)] + new_suffix
-        renamed[name] = new
+                name = name[: -len(old_suffix)] + new_suffix
+        renamed[name] = value
     return renamed
 
 
 def to_transformer_engine_names(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A portable-spec state dict under the TE spec's parameter names."""
-    names = _rename(state, TE_PARAMETER_NAMES)
-    return {names[key]: value for key, value in state.items()}
+    return _renamed(state, TE_PARAMETER_NAMES)
 
 
 def to_portable_names(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A TE-spec state dict under the portable names, without TE's FP8 ``_extra_state``."""
-    names = _rename(state, {v: k for k, v in TE_PARAMETER_NAMES.items()})
-    return {names[key]: value for key, value in state.items()
-            if not key.endswith("._extra_state")}
+    """A TE-spec state dict under the portable spec's parameter names."""
+    return _renamed(state, {te: portable for portable, te in TE_PARAMETER_NAMES.items()})
