@@ -7,14 +7,18 @@ was given (DeepSpeed's gradient accumulation). What DeepSpeed does not do is add
 * the gradient norm under TP comes from DeepSpeed with :class:`~omnidiff.parallel.mpu.MegatronMPU`
   (each TP-sharded parameter counted on every TP rank, replicated ones once), except with
   ZeRO stage 0 in fp32, where DeepSpeed clips but never reports the norm nor skips a non-finite
-  one: there this engine clips with DeepSpeed's own ``clip_grad_norm_`` (same counting) itself;
+  one: there this engine clips with DeepSpeed's own ``clip_grad_norm_`` (same counting) itself.
+  (Stage 0 in bf16/fp16 under TP is refused: see :func:`omnidiff.parallel.engines.check_supported`.)
 * a non-finite loss or gradient norm skips the whole step (no parameter, Adam or schedule
   update) and is counted by :class:`~omnidiff.platform.engine.SkipGuard`. ZeRO and the bf16
   optimizer already skip on a non-finite norm; a non-finite loss is made to poison the
   gradients so that the same check sees it on every rank.
+* ZeRO-3: the masked head reads the output weight directly, so it is registered as an external
+  parameter of the loss module.
 
 The LR schedule is stepped here (only after applied steps), and ``state_dict`` holds this
-rank's model shard, its ZeRO optimizer partition, the schedule and the skip counters.
+rank's model shard (none under ZeRO-3, whose fp32 partitions are the weights), its ZeRO
+optimizer partition, the schedule and the skip counters.
 """
 
 from __future__ import annotations
@@ -78,8 +82,13 @@ class DeepSpeedEngine:
         # Built on the client optimizer: DeepSpeed keeps its param-group dicts, so the lr set
         # by the schedule reaches the (ZeRO-partitioned) update.
         self.scheduler = build_scheduler(optimizer, cfg.schedule)
+        loss_module = DiffusionLoss(model, cfg)
+        if cfg.parallel.zero_stage == 3:
+            # The masked head reads this weight outside its module's forward: ZeRO-3 must
+            # gather it for the loss module's forward.
+            deepspeed.zero.register_external_parameter(loss_module, model.output_layer.weight)
         self.ds, *_ = deepspeed.initialize(
-            model=DiffusionLoss(model, cfg), optimizer=optimizer, mpu=self.mpu,
+            model=loss_module, optimizer=optimizer, mpu=self.mpu,
             config=deepspeed_config(cfg, self.mpu.get_data_parallel_world_size(),
                                     clip_in_deepspeed=not self._norm_here),
         )
@@ -140,11 +149,14 @@ class DeepSpeedEngine:
         return not isinstance(self.ds.optimizer, torch.optim.Optimizer)
 
     def state_dict(self) -> dict:
-        return {"model": self.model.state_dict(), "optimizer": self.ds.optimizer.state_dict(),
+        # Under ZeRO-3 the module holds only placeholders: the fp32 partitions are the weights.
+        model = self.model.state_dict() if self.cfg.parallel.zero_stage < 3 else None
+        return {"model": model, "optimizer": self.ds.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "guard": self.guard.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
+        if state["model"] is not None:
+            self.model.load_state_dict(state["model"])
         if self._wrapped_optimizer():
             # DeepSpeed reads entry [dp_rank] of a per-DP-rank list; this rank saved its own.
             partitions = [None] * dist.get_world_size(self._dp_group)

@@ -13,9 +13,21 @@ from __future__ import annotations
 import torch.distributed as dist
 
 from omnidiff.parallel import topology
-from omnidiff.platform.config import RunConfig
+from omnidiff.platform.config import ConfigError, RunConfig
 from omnidiff.platform.engine import LocalEngine, TrainEngine
 from omnidiff.platform.model import build_model
+
+
+def check_supported(cfg: RunConfig) -> None:
+    """Combinations the engines refuse, as one-line :class:`ConfigError` (before any spawn)."""
+    parallel = cfg.parallel
+    if parallel.zero_stage == 0 and parallel.precision != "fp32" and parallel.tensor_parallel > 1:
+        # DeepSpeed's stage-0 bf16/fp16 optimizer (FP16_UnfusedOptimizer) filters its norm on
+        # the gradients' tensor_model_parallel attribute, which only parameters carry: every
+        # TP rank but 0 would drop its shards from the clipping norm.
+        raise ConfigError(f"parallel.precision {parallel.precision} with tensor_parallel > 1 "
+                          "needs zero_stage >= 1 (DeepSpeed's stage-0 low-precision optimizer "
+                          "miscounts the gradient norm under tensor parallelism)")
 
 
 def build_engine(cfg: RunConfig, vocab_size: int) -> TrainEngine:
@@ -24,6 +36,7 @@ def build_engine(cfg: RunConfig, vocab_size: int) -> TrainEngine:
     Seeding is :func:`omnidiff.parallel.topology.seed`: the shards are slices of the TP=1 model
     of the same seed.
     """
+    check_supported(cfg)
     topology.seed(cfg.seed)
     if cfg.parallel.pipeline_parallel > 1:
         try:

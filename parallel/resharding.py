@@ -17,6 +17,7 @@ against the ``partition_dim`` / ``partition_stride`` attributes megatron puts on
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -121,7 +122,22 @@ def _resize_vocab(state: dict[str, Tensor], rows: int) -> dict[str, Tensor]:
 
 
 def gather_full_state_dict(module: torch.nn.Module) -> dict[str, Tensor]:
-    """The TP=1 weights of a live model, on every rank of its TP group (collective over TP)."""
+    """The TP=1 weights of a live model, on every rank of its TP group (collective over TP,
+    and over DP first for parameters ZeRO-3 partitions)."""
+    with _zero3_gathered(module):
+        return _gather_tp(module)
+
+
+def _zero3_gathered(module: torch.nn.Module):
+    partitioned = [p for p in module.parameters() if hasattr(p, "ds_id")]
+    if not partitioned:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(partitioned)
+
+
+def _gather_tp(module: torch.nn.Module) -> dict[str, Tensor]:
     from megatron.core import parallel_state
 
     group = parallel_state.get_tensor_model_parallel_group()

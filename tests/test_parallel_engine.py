@@ -1,4 +1,4 @@
-"""The DeepSpeed engine on TP (with sequence parallelism), DP (ZeRO-1/2) and TP x DP matches one
+"""The DeepSpeed engine on TP (with sequence parallelism), DP (ZeRO-1/2/3) and TP x DP matches one
 plain process: same losses, gradient norms and weights after 5 optimizer steps of the same
 global batches, from the same initial weights (fp32, gloo, 2-layer tiny model).
 
@@ -103,7 +103,7 @@ def tp2(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def dp2(tmp_path_factory):
-    layouts = {f"zero{s}": (f"parallel.zero_stage={s}",) for s in (1, 2)}
+    layouts = {f"zero{s}": (f"parallel.zero_stage={s}",) for s in (1, 2, 3)}
     return _spawn_layouts(tmp_path_factory, 2, 1, layouts, nan_check="zero2")
 
 
@@ -132,7 +132,7 @@ def test_tp2_grad_norm_counts_replicated_weights_once(tp2, reference):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", [1, 2])
+@pytest.mark.parametrize("stage", [1, 2, 3])
 def test_dp2_zero_matches_dp1(dp2, reference, stage):
     _assert_matches(dp2[f"zero{stage}"], reference[0])
 

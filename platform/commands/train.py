@@ -58,6 +58,9 @@ def run(args: argparse.Namespace) -> int:
     if args.resume is not None:
         overrides.append(f"checkpoint.resume={args.resume}")
     cfg: RunConfig = load_config(config_path, overrides)
+    from omnidiff.parallel.engines import check_supported
+
+    check_supported(cfg)  # here, so a refused combination is one line, not a worker traceback
     raw = cfg.model_dump(mode="json")
     nproc = cfg.parallel.nproc_per_node
     if nproc > 1 and not launched_externally():
