@@ -3,7 +3,8 @@
 One run is SIGKILLed (the whole process group, as a lost node) while it is writing the step-4
 checkpoint, after the step-2 one completed: ``--resume auto`` must pick step 2, ignore the
 half-written save and reproduce the uninterrupted run's losses exactly. A diverging run must
-stop with one clear message, exit code 3, and leave only a checkpoint of good weights.
+stop with one clear message, exit code 3, and leave only a checkpoint of good weights. The same
+command under torchrun (an external launcher) must give the self-launched run's losses.
 """
 
 import math
@@ -41,11 +42,19 @@ def _names(output_dir: Path) -> list[str]:
     return [p.name for p in complete_checkpoints(checkpoint_root(output_dir))]
 
 
-@pytest.mark.slow
-def test_sigkill_during_a_save_resumes_from_the_previous_checkpoint_exactly(tmp_path):
-    full, killed = tmp_path / "full", tmp_path / "killed"
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> list[float]:
+    """Losses of the 6-step run launched by the command itself."""
+    full = tmp_path_factory.mktemp("full")
     done = _train(full)
     assert done.returncode == 0, done.stderr[-2000:]
+    return [r["loss"] for r in read_metrics(full)]
+
+
+@pytest.mark.slow
+def test_sigkill_during_a_save_resumes_from_the_previous_checkpoint_exactly(tmp_path,
+                                                                             uninterrupted):
+    killed = tmp_path / "killed"
 
     partial = checkpoint_root(killed) / ".tmp_step_00000004"
     with (tmp_path / "killed.log").open("w") as log:
@@ -65,7 +74,6 @@ def test_sigkill_during_a_save_resumes_from_the_previous_checkpoint_exactly(tmp_
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     rows = read_metrics(killed)
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 3, 4, 5, 6]  # steps 3-4 ran twice
-    uninterrupted = [r["loss"] for r in read_metrics(full)]
     assert [r["loss"] for r in rows[4:]] == uninterrupted[2:]  # exactly, not approximately
     assert _names(killed) == ["step_00000004", "step_00000006"]
 
@@ -85,3 +93,13 @@ def test_diverging_run_stops_with_one_message_and_keeps_a_good_checkpoint(tmp_pa
         assert all(bool(torch.isfinite(t).all()) for t in weights.values()
                    if isinstance(t, torch.Tensor)), shard
     assert not math.isnan(read_metrics(tmp_path)[0]["loss"])
+
+
+@pytest.mark.slow
+def test_torchrun_runs_the_same_command_unchanged(tmp_path, uninterrupted):
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                "--nproc_per_node=2", "-m", "omnidiff.platform.cli", "train",
+                f"output_dir={tmp_path}", *RUN]
+    done = subprocess.run(torchrun, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert [r["loss"] for r in read_metrics(tmp_path)] == uninterrupted
