@@ -47,6 +47,7 @@ class ParallelDims:
 
 
 MEGATRON_ORDER = "tp-cp-ep-dp-pp"
+_LONE_ENV: dict[str, str] = {}  # launcher variables this process set for itself (world of one)
 _DEEPSPEED_AXES = {"tp": "model", "dp": "data", "pp": "pipe"}
 
 
@@ -82,8 +83,10 @@ def init_process_group(backend: str | None = None, timeout_s: int = 600) -> None
     if dist.is_initialized():
         return
     if "RANK" not in os.environ:
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(free_port()))
+        lone = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0",
+                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+        os.environ.update(lone)
+        _LONE_ENV.update(lone)  # removed again by destroy(): child processes must not inherit
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
     cpu_compat.enable()  # megatron's sequence-parallel collectives, on a CPU-only machine
     if backend == "nccl":
@@ -128,3 +131,6 @@ def destroy() -> None:
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
+    for key in _LONE_ENV:
+        os.environ.pop(key, None)
+    _LONE_ENV.clear()
