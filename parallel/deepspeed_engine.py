@@ -144,10 +144,6 @@ class DeepSpeedEngine:
         return float(tensor) / dist.get_world_size(self._dp_group)
 
     # --- checkpoints: this rank's shard of everything -------------------------------------------
-    def _wrapped_optimizer(self) -> bool:
-        """True when DeepSpeed wraps the optimizer (ZeRO or bf16: flat fp32 master partitions)."""
-        return not isinstance(self.ds.optimizer, torch.optim.Optimizer)
-
     def state_dict(self) -> dict:
         # Under ZeRO-3 the module holds only placeholders: the fp32 partitions are the weights.
         model = self.model.state_dict() if self.cfg.parallel.zero_stage < 3 else None
@@ -157,13 +153,14 @@ class DeepSpeedEngine:
     def load_state_dict(self, state: dict) -> None:
         if state["model"] is not None:
             self.model.load_state_dict(state["model"])
-        if self._wrapped_optimizer():
-            # DeepSpeed reads entry [dp_rank] of a per-DP-rank list; this rank saved its own.
+        if self.ds.zero_optimization():
+            # ZeRO reads entry [dp_rank] of a per-DP-rank list; this rank saved its own. Its
+            # fp32 master partition is in there too (all the weights under ZeRO-3).
             partitions = [None] * dist.get_world_size(self._dp_group)
             partitions[dist.get_rank(self._dp_group)] = state["optimizer"]
             self.ds.optimizer.load_state_dict(partitions, load_optimizer_states=True,
                                               load_from_fp32_weights=True)
-        else:
+        else:  # the torch optimizer, or DeepSpeed's stage-0 bf16/fp16 one (fp32 masters inside)
             self.ds.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.guard.load_state_dict(state["guard"])
