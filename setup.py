@@ -46,9 +46,18 @@ setup(
         "pyyaml",
         "tqdm",
         "numpy",
+        "scipy",
+        # data path: DALI decoding (CPU pipelines work without a GPU), WebDataset shards, media I/O
+        "nvidia-dali-cuda120>=2.4,<2.5",
+        "webdataset>=0.2",
+        "braceexpand",
+        "pillow",
+        "soundfile",
+        "scikit-image",  # its wheel ships the sample photos of the demo dataset
+        "tensorboard",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout"],
+        "test": ["pytest>=8", "pytest-timeout", "scikit-learn"],
         # GPU-only extras; installed in the Dockerfile's NGC base image, never on a CPU machine.
         "gpu": ["transformer-engine[pytorch]"],
     },
