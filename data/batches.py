@@ -77,6 +77,12 @@ class PackedBatchStream:
                 rows.append(closed)
         return collate_rows(rows, self.packer.seq_length, self.packer.pad_id)
 
+    def metrics(self) -> dict[str, int]:
+        """``data/...`` counters: samples dropped by the packer and the source's own (skips)."""
+        source = getattr(self.source, "metrics", dict)()
+        return {f"data/{name}": value for name, value in
+                {"oversize_skipped": self.packer.oversize_skipped, **source}.items()}
+
     def state_dict(self) -> dict:
         state = {"source": self.source.state_dict(), "packer": self.packer.state_dict()}
         if hasattr(self.transform, "state_dict"):

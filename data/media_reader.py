@@ -106,6 +106,7 @@ class MediaReader:
             max(1, config.batch_size * limits.max_audios), device_id, config.sample_rate,
             config.n_mels, config.mel_window, config.mel_hop, config.num_threads), self.device)
         self.skipped: Counter[str] = Counter({reason: 0 for reason in REASONS})
+        self.skipped_samples: set[str] = set()  # distinct "shard:key" ever skipped (all epochs)
         self.samples_read = 0
         self.samples_ok = 0
         self._bad_streak = 0
@@ -140,7 +141,8 @@ class MediaReader:
     def state_dict(self) -> dict[str, Any]:
         """Picklable resume state: DALI reader checkpoint (bytes), counters, set-up fingerprint."""
         return {"reader": self._pipe.checkpoint(), "fingerprint": self._fingerprint(),
-                "skipped": dict(self.skipped), "samples_read": self.samples_read,
+                "skipped": dict(self.skipped), "skipped_samples": sorted(self.skipped_samples),
+                "samples_read": self.samples_read,
                 "samples_ok": self.samples_ok}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -151,12 +153,18 @@ class MediaReader:
                                    "it cannot resume this reader")
         self._open(state["reader"])
         self.skipped = Counter(state["skipped"])
+        self.skipped_samples = set(state["skipped_samples"])
         self.samples_read, self.samples_ok = state["samples_read"], state["samples_ok"]
 
     def metrics(self) -> dict[str, int]:
-        """Cumulative counters, e.g. for ``data/...`` scalars in the run's tracker."""
+        """Cumulative counters, e.g. for ``data/...`` scalars in the run's tracker.
+
+        ``skipped_total`` and ``skipped/<reason>`` count skip events (a bad sample is skipped
+        again in every epoch); ``skipped_samples`` counts distinct bad samples.
+        """
         return {"samples_read": self.samples_read, "samples_ok": self.samples_ok,
                 "skipped_total": sum(self.skipped.values()),
+                "skipped_samples": len(self.skipped_samples),
                 **{f"skipped/{reason}": self.skipped[reason] for reason in REASONS}}
 
     # --- iteration --------------------------------------------------------------------------------
@@ -176,8 +184,10 @@ class MediaReader:
                     f"{len(self._paths)} tar shards); "
                     f"skipped so far: {dict(+self.skipped)}")
 
-    def _skip(self, key: str, shard: str, reason: str, detail: str) -> None:
+    def reject(self, key: str, shard: str, reason: str, detail: str) -> None:
+        """Skip, count and log one sample (also for stages after decoding, e.g. tokenising)."""
         self.skipped[reason] += 1
+        self.skipped_samples.add(f"{shard}:{key}")
         logger.warning("skipped sample %s in shard %s: %s (%s)", key, shard, reason, detail)
 
     def _read_batch(self) -> list[MediaSample]:
@@ -199,7 +209,7 @@ class MediaReader:
                                                            self.config.limits)))
             except SampleRejected as rejected:
                 self._bad_streak += 1
-                self._skip(key, shard, rejected.reason, rejected.detail)
+                self.reject(key, shard, rejected.reason, rejected.detail)
         images, audios = self._decode(screened)
         samples = []
         for (key, shard, item), item_images, item_audios in zip(screened, images, audios):
@@ -208,7 +218,7 @@ class MediaReader:
                             for f in decoded if isinstance(f, str)), None)
             if failure:
                 self._bad_streak += 1
-                self._skip(key, shard, failure[0], failure[1])
+                self.reject(key, shard, failure[0], failure[1])
                 continue
             samples.append(MediaSample(
                 key, shard, item.record, images=[out[0] for out in item_images],

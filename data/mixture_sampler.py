@@ -7,7 +7,9 @@ per pass): the mixture is endless and the trainer decides how many samples it ta
 
 Resuming needs no cooperation from the sources: the state is the generator state plus, per
 source, the pass index and how many samples of that pass were taken; on load each source is
-re-created and fast-forwarded by that many samples.
+re-created and fast-forwarded by that many samples. A source whose iterator has
+``state_dict``/``load_state_dict`` (an endless media reader, say) is saved and restored through
+them instead, so resuming it costs nothing.
 
 The ratios of each curriculum stage come from a mixture file (:mod:`omnidiff.data.mixture`).
 """
@@ -56,6 +58,7 @@ class MixtureSampler(Generic[T]):
         self._passes = {name: 0 for name in self.names}
         self._taken = {name: 0 for name in self.names}
         self._iterators: dict[str, Iterator[T]] = {}
+        self._restore: dict[str, Any] = {}  # saved states of stateful sources, applied on open
 
     def __iter__(self) -> MixtureSampler[T]:
         return self
@@ -82,7 +85,9 @@ class MixtureSampler(Generic[T]):
         """(Re)create a source's iterator for its current pass, skipping what was already taken."""
         iterator = iter(self._sources[name](self._passes[name]))
         skip = self._taken[name]
-        if skip:
+        if name in self._restore:
+            iterator.load_state_dict(self._restore.pop(name))
+        elif skip:
             iterator = itertools.islice(iterator, skip, None)
         self._iterators[name] = iterator
         return iterator
@@ -95,6 +100,9 @@ class MixtureSampler(Generic[T]):
             "rng": self._rng.bit_generator.state,
             "passes": dict(self._passes),
             "taken": dict(self._taken),
+            "sources": {**self._restore,  # restored, not reopened yet
+                        **{name: it.state_dict() for name, it in self._iterators.items()
+                           if hasattr(it, "state_dict")}},
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -107,3 +115,8 @@ class MixtureSampler(Generic[T]):
         self._passes = dict(state["passes"])
         self._taken = dict(state["taken"])
         self._iterators = {}
+        self._restore = dict(state.get("sources", {}))
+
+    def sources(self) -> dict[str, Iterator[T]]:
+        """The source iterators opened so far (e.g. to read their counters)."""
+        return dict(self._iterators)

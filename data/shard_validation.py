@@ -28,7 +28,8 @@ from omnidiff.data.dali import reference
 from omnidiff.data.shards import (
     AUDIO_EXTS, IMAGE_EXTS, JSON_EXT, SampleRecord, audio_member, image_member, inspect_shard)
 
-REASONS = ("bad_json", "bad_record", "missing_media", "too_long", "bad_image", "bad_audio")
+REASONS = ("bad_json", "bad_record", "missing_media", "too_long", "bad_image", "bad_audio",
+           "bad_sequence")
 _PIL_FORMATS = {"JPEG", "PNG", "WEBP"}
 
 Buffer = bytes | bytearray | memoryview  # numpy uint8 arrays also qualify

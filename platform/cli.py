@@ -9,19 +9,40 @@ with exit code 2, never as a traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import sys
+from collections.abc import Iterator
 
 from omnidiff.platform.config import ConfigError
 
 COMMAND_MODULES = (
     "omnidiff.platform.commands.train",
     "omnidiff.platform.commands.demo_data",
+    "omnidiff.platform.commands.fit_tokenizers",
+    "omnidiff.platform.commands.tokenize",
 )
 
 
 class CommandError(RuntimeError):
     """A failure to report to the user in one line (no traceback)."""
+
+
+@contextlib.contextmanager
+def data_errors() -> Iterator[None]:
+    """Turn the data layer's expected failures (bad shards, mixtures, tokenizers) into one line."""
+    from omnidiff.data.media_reader import MediaReaderError
+    from omnidiff.data.media_tokenize import MediaTokenizerError
+    from omnidiff.data.mixture import MixtureConfigError
+    from omnidiff.data.mixture_sampler import MixtureError
+    from omnidiff.data.shards import ShardError
+    from omnidiff.data.tokenizers.checkpoint import CheckpointMismatchError
+
+    try:
+        yield
+    except (ShardError, MixtureConfigError, MixtureError, MediaReaderError, MediaTokenizerError,
+            CheckpointMismatchError) as err:
+        raise CommandError(str(err)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:

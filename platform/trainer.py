@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from omnidiff.data.batches import PackedBatchStream, SyntheticSource
-from omnidiff.data.synthetic import SyntheticMultimodal
+from omnidiff.data.batches import PackedBatchStream
+from omnidiff.data.sources import build_sample_source
 from omnidiff.data.text_tokenizer import load_text_tokenizer
 from omnidiff.data.vocab import UnifiedVocab
 from omnidiff.monitoring.metrics import MetricsLogger
@@ -46,11 +46,8 @@ def build_vocab(cfg: RunConfig):
 
 def batch_stream(cfg: RunConfig, vocab: UnifiedVocab, tokenizer, dp_rank: int = 0,
                  dp: int = 1) -> PackedBatchStream:
-    """This DP rank's packed micro-batches (samples dp_rank, dp_rank + dp, ...)."""
-    if cfg.data.source != "synthetic":
-        raise NotImplementedError(f"data.source {cfg.data.source!r} is not wired yet")
-    source = SyntheticSource(SyntheticMultimodal(vocab, tokenizer, cfg.seed),
-                             start=dp_rank, step=dp)
+    """This DP rank's packed micro-batches (its own part of the samples)."""
+    source = build_sample_source(cfg, vocab, tokenizer, dp_rank, dp)
     transform = None
     if cfg.diffusion.tail_pad:
         transform = TailPadder(vocab.eos_id, cfg.diffusion.tail_pad_max,
@@ -144,7 +141,7 @@ class Trainer:
                 self.metrics.log(done, {"loss": result.loss, "grad_norm": result.grad_norm,
                                         "lr": result.lr, "masked_tokens": result.num_masked,
                                         "skipped_steps": summary.skipped_steps,
-                                        **self.meter.report()})
+                                        **self.meter.report(), **self.batches.metrics()})
             interval = cfg.checkpoint.save_interval
             due = (interval and done % interval == 0) or done == cfg.schedule.train_steps
             if due and not result.skipped:  # so the newest checkpoint is always a good one

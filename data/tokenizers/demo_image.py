@@ -8,6 +8,7 @@ recognisable reconstructions at the same interface as MAGVIT-v2. Saved as one sa
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,14 +50,22 @@ class PatchKMeansImageTokenizer(ImageTokenizer):
         return self.config.patch_size
 
     @classmethod
-    def fit(cls, images: torch.Tensor, codebook_size: int, seed: int, *, patch_size: int = 8,
-            epochs: int = 20) -> PatchKMeansImageTokenizer:
-        """Cluster all patches of ``images`` (``[n, 3, H, W]`` in [-1, 1]) into ``codebook_size`` codes."""
+    def fit(cls, images: torch.Tensor | Sequence[torch.Tensor], codebook_size: int, seed: int, *,
+            patch_size: int = 8, epochs: int = 20) -> PatchKMeansImageTokenizer:
+        """Cluster all patches of ``images`` into ``codebook_size`` codes.
+
+        ``images``: one ``[n, 3, H, W]`` batch in [-1, 1], or a sequence of such batches (or of
+        single ``[3, H, W]`` images) of different sizes; the first one's width is the native size.
+        """
         if not 1 <= codebook_size <= MAX_CODEBOOK:
             raise ValueError(f"image codebook size must be in [1, {MAX_CODEBOOK}], got {codebook_size}")
-        images = check_images(images, patch_size)
-        config = PatchKMeansConfig(patch_size, images.shape[-1], codebook_size)
-        patches = _to_patches(images, patch_size).reshape(-1, 3 * patch_size**2)
+        batches = [images] if isinstance(images, torch.Tensor) else list(images)
+        batches = [check_images(b if b.ndim == 4 else b.unsqueeze(0), patch_size) for b in batches]
+        if not batches:
+            raise ValueError("no images to fit the patch k-means tokenizer on")
+        config = PatchKMeansConfig(patch_size, batches[0].shape[-1], codebook_size)
+        patches = torch.cat([_to_patches(b, patch_size).reshape(-1, 3 * patch_size**2)
+                             for b in batches])
         return cls(config, fit_kmeans(patches, codebook_size, seed, epochs=epochs))
 
     def encode(self, batch: torch.Tensor) -> torch.Tensor:

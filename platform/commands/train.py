@@ -33,12 +33,14 @@ def register(parser: argparse.ArgumentParser) -> None:
 def train_worker(raw_config: dict) -> None:
     """Entry point of one training process (importable, for spawn)."""
     from omnidiff.parallel import topology
+    from omnidiff.platform.cli import data_errors
     from omnidiff.platform.engine import NonFiniteError
     from omnidiff.platform.trainer import Trainer
 
-    trainer = Trainer(build_config(raw_config))
     try:
-        summary = trainer.run()
+        with data_errors():
+            trainer = Trainer(build_config(raw_config))
+            summary = trainer.run()
         if trainer.is_main and summary.losses:
             print(f"trained {summary.steps} steps in {summary.seconds:.1f} s: loss "
                   f"{summary.losses[0]:.4f} -> {summary.losses[-1]:.4f}; "

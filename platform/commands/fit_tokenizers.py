@@ -1,0 +1,51 @@
+"""``omnidiff fit-tokenizers DATA OUT_DIR``: fit the demo image and speech tokenizers to shards."""
+
+from __future__ import annotations
+
+import argparse
+
+NAME = "fit-tokenizers"
+HELP = ("fit the built-in demo tokenizers (patch k-means images, log-mel k-means speech) to "
+        "media shards (a mixture.yaml: all its sources; or shard specs)")
+
+
+def register(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("data", nargs="+", help="a mixture.yaml, or shard paths / globs / ranges")
+    parser.add_argument("--out", required=True, help="folder for image.safetensors, speech.safetensors")
+    parser.add_argument("--samples", type=int, default=1000, help="samples to fit on (one pass at most)")
+    parser.add_argument("--image-codes", type=int, default=512, help="image codebook size (<= 8192)")
+    parser.add_argument("--speech-codes", type=int, default=512, help="speech codebook size (<= 16384)")
+    parser.add_argument("--patch-size", type=int, default=8, help="pixels per image code, each side")
+    parser.add_argument("--image-size", type=int, default=64, help="input images, px (data.image_size)")
+    parser.add_argument("--generated-image-size", type=int, default=32,
+                        help="generated images, px (data.generated_image_size)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from omnidiff.data.fit_tokenizers import fit_demo_tokenizers
+    from omnidiff.data.media_reader import MediaReaderConfig
+    from omnidiff.data.mixture import load_mixture_config
+    from omnidiff.platform.cli import CommandError, data_errors
+
+    shards = list(args.data)
+    if len(shards) == 1 and shards[0].endswith((".yaml", ".yml")):
+        with data_errors():
+            mixture = load_mixture_config(shards[0])
+        shards = [spec for name in mixture.sources for spec in mixture.shard_specs(name)]
+    for size in (args.image_size, args.generated_image_size):
+        if size % args.patch_size:
+            raise CommandError(f"image sizes must be multiples of --patch-size {args.patch_size}, "
+                               f"got {size}")
+    config = MediaReaderConfig(shards=shards, image_size=args.image_size,
+                               generated_image_size=args.generated_image_size, seed=args.seed)
+    with data_errors():
+        fitted = fit_demo_tokenizers(config, args.out, args.samples, args.image_codes,
+                                     args.speech_codes, args.patch_size, args.seed,
+                                     progress=not args.quiet)
+    print(f"fitted on {fitted.images} images and {fitted.clips} speech clips; use with:")
+    for line in fitted.config_lines():
+        print(f"  {line}")
+    return 0
