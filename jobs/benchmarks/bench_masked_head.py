@@ -4,10 +4,11 @@ Each variant runs in its own fresh subprocess (one after the other, never concur
 neither inherits the other's allocator state. Memory is what the step adds on top of its
 inputs: on GPU ``torch.cuda.max_memory_allocated`` minus the allocation after the inputs were
 made; on CPU (no allocator statistics) the process's peak RSS (``ru_maxrss``) minus its RSS
-right after the inputs were made and touched. Nothing before that point
-counts: the peak-RSS mark is reset there (proc(5) clear_refs), so the difference is the
-step's own high-water mark, weight and hidden gradients included (a training step keeps them),
-first-iteration one-off costs (library buffers, code paged in) included too.
+after the warm-up steps, with their gradients freed. Nothing before that point counts: the
+peak-RSS mark is reset there (proc(5) clear_refs), so the difference is a steady-state step's
+own high-water mark, weight and hidden gradients included (a training step keeps them), and
+first-iteration one-off costs (code paged in, library buffers) left out, as the GPU allocator's
+statistics leave them out.
 
 Run: ``python -m omnidiff.jobs.benchmarks.bench_masked_head`` (or this file directly).
 """
@@ -83,6 +84,9 @@ def run_worker(args: argparse.Namespace) -> dict:
     dtype = torch.bfloat16 if cuda else torch.float32
     topology.initialize(tp=1)  # world of one: the loss goes through megatron's TP code path
     inputs = _make_inputs(args, device, dtype)
+    for _ in range(args.warmup):  # one-off costs (code paged in, library buffers) stay out
+        _step(args.worker, *inputs, args.chunk_size)
+    inputs[0].grad = inputs[1].grad = None  # the measured steps make their gradients anew
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -91,12 +95,11 @@ def run_worker(args: argparse.Namespace) -> dict:
         _reset_peak_rss()
         base = _rss_bytes()
     times, cpu_times, loss = [], [], 0.0
-    for i in range(args.warmup + args.repeats):
+    for _ in range(args.repeats):
         start, cpu_start = time.perf_counter(), time.process_time()
         loss = _step(args.worker, *inputs, args.chunk_size)  # .item() synchronises
-        if i >= args.warmup:
-            times.append(time.perf_counter() - start)
-            cpu_times.append(time.process_time() - cpu_start)
+        times.append(time.perf_counter() - start)
+        cpu_times.append(time.process_time() - cpu_start)
     if cuda:
         peak = torch.cuda.max_memory_allocated() - base
     else:
