@@ -32,24 +32,27 @@ class FittedTokenizers:
                 f"data.speech_tokenizer={{kind: {SPEECH_KIND}, path: {self.speech_path}}}"]
 
 
-def fit_demo_tokenizers(reader_config: MediaReaderConfig, out_dir: str | Path, samples: int,
-                        image_codes: int, speech_codes: int, patch_size: int = 8, seed: int = 0,
-                        progress: bool = True) -> FittedTokenizers:
-    """Read up to ``samples`` samples (at most one pass) and fit both codebooks on their media."""
-    reader = MediaReader(reader_config)
+def fit_demo_tokenizers(reader_configs: list[MediaReaderConfig], out_dir: str | Path,
+                        samples: int, image_codes: int, speech_codes: int, patch_size: int = 8,
+                        seed: int = 0, progress: bool = True) -> FittedTokenizers:
+    """Read up to ``samples`` samples, an equal share from each reader (one pass at most each,
+    so every source's media are represented), and fit both codebooks on their media."""
     images: list[torch.Tensor] = []
     clips: list[torch.Tensor] = []
-    limit = min(samples, reader.epoch_size)
-    with tqdm(total=limit, desc="read media", unit="sample", disable=not progress) as bar:
-        while reader.samples_read < limit:
-            batch = next(reader)
-            for sample in batch.samples:
-                images += sample.images
-                clips += sample.audios
-            bar.update(min(reader.samples_read, limit) - bar.n)
+    share = -(-samples // len(reader_configs))
+    with tqdm(total=samples, desc="read media", unit="sample", disable=not progress) as bar:
+        for config in reader_configs:
+            reader = MediaReader(config)
+            limit = min(share, reader.epoch_size)
+            while reader.samples_read < limit:
+                before = reader.samples_read
+                for sample in next(reader).samples:
+                    images += sample.images
+                    clips += sample.audios
+                bar.update(min(reader.samples_read, limit) - before)
     if not images or not clips:
-        raise ValueError(f"the {reader.samples_read} samples read hold {len(images)} images and "
-                         f"{len(clips)} speech clips; both tokenizers need some")
+        raise ValueError(f"the samples read hold {len(images)} images and {len(clips)} speech "
+                         "clips; both tokenizers need some")
     by_size: dict[tuple[int, ...], list[torch.Tensor]] = {}
     for image in images:
         by_size.setdefault(tuple(image.shape), []).append(image)

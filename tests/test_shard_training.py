@@ -38,9 +38,9 @@ def dataset(tmp_path_factory):
     shards = write_synthetic_shards(root / "part-%02d.tar", NUM_SAMPLES, samples_per_shard=40,
                                     corrupt=CORRUPT, image_sizes=((40, 32),), audio_seconds=0.2)
     fitted = fit_demo_tokenizers(
-        MediaReaderConfig(shards=[str(s) for s in shards], image_size=16, generated_image_size=16,
-                          device="cpu"), root / "tokenizers", NUM_SAMPLES, CODES, CODES,
-        progress=False)
+        [MediaReaderConfig(shards=[str(s) for s in shards], image_size=16,
+                           generated_image_size=16, device="cpu")], root / "tokenizers",
+        NUM_SAMPLES, CODES, CODES, progress=False)
     mixture = root / "mixture.yaml"  # two sources: the first two shards and the last two
     mixture.write_text(yaml.safe_dump({
         "sources": {"early": {"shards": [shards[0].name, shards[1].name]},
@@ -202,3 +202,21 @@ def test_bad_data_configs_are_one_line_errors(dataset, tmp_path, capsys):
     assert main(["train", _write_config(missing, tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "matches no file" in err and len(err.splitlines()) == 1
+
+
+def test_training_on_shards_resumes_exactly(dataset, tmp_path, capsys):
+    raw = _raw(dataset, tmp_path, paths=[], mixture=dataset["mixture"], stage="stage1")
+    raw["schedule"]["train_steps"] = 8
+    raw["checkpoint"] = {"save_interval": 4, "keep_last": 3}
+    config = _write_config(raw, tmp_path)
+    run = tmp_path / "run"
+    assert main(["train", config]) == 0
+    full = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").open()]
+    (run / "metrics.jsonl").unlink()
+    for part in (run / "checkpoints" / "step_00000008").iterdir():
+        part.unlink()
+    (run / "checkpoints" / "step_00000008").rmdir()
+    assert main(["train", config, "--resume", "auto"]) == 0
+    resumed = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").open()]
+    assert resumed == full[4:]  # exactly: reader checkpoints + tokenised-but-unused samples
+    assert "trained 4 steps" in capsys.readouterr().out

@@ -30,19 +30,20 @@ def run(args: argparse.Namespace) -> int:
     from omnidiff.data.mixture import load_mixture_config
     from omnidiff.platform.cli import CommandError, data_errors
 
-    shards = list(args.data)
-    if len(shards) == 1 and shards[0].endswith((".yaml", ".yml")):
+    groups = [list(args.data)]  # one reader per mixture source, so each gets its share
+    if len(args.data) == 1 and args.data[0].endswith((".yaml", ".yml")):
         with data_errors():
-            mixture = load_mixture_config(shards[0])
-        shards = [spec for name in mixture.sources for spec in mixture.shard_specs(name)]
+            mixture = load_mixture_config(args.data[0])
+        groups = [mixture.shard_specs(name) for name in mixture.sources]
     for size in (args.image_size, args.generated_image_size):
         if size % args.patch_size:
             raise CommandError(f"image sizes must be multiples of --patch-size {args.patch_size}, "
                                f"got {size}")
-    config = MediaReaderConfig(shards=shards, image_size=args.image_size,
-                               generated_image_size=args.generated_image_size, seed=args.seed)
+    configs = [MediaReaderConfig(shards=shards, image_size=args.image_size,
+                                 generated_image_size=args.generated_image_size, seed=args.seed)
+               for shards in groups]
     with data_errors():
-        fitted = fit_demo_tokenizers(config, args.out, args.samples, args.image_codes,
+        fitted = fit_demo_tokenizers(configs, args.out, args.samples, args.image_codes,
                                      args.speech_codes, args.patch_size, args.seed,
                                      progress=not args.quiet)
     print(f"fitted on {fitted.images} images and {fitted.clips} speech clips; use with:")
