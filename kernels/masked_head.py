@@ -2,16 +2,18 @@
 
 Masked diffusion scores only the masked targets (about half of them), and the output layer is
 huge (176,264 rows), so the [tokens, vocab] logits dominate the step's memory.
-:func:`masked_lm_loss` computes logits only at the scored positions, a chunk at a time, and
-turns each chunk straight into its hidden and weight gradients, so at most one
-[chunk, V_local] logits block is alive. :func:`reference_lm_loss` is the plain path (full
-logits for every position, loss masked afterwards) that the fast path is tested against.
+:func:`masked_lm_loss` computes logits only at the scored positions, a [chunk, vocab block]
+block at a time (two passes: log-normaliser, then gradients), and turns each block straight
+into its hidden and weight gradients. :func:`reference_lm_loss` is the plain path (full logits
+for every position, megatron-core's ``vocab_parallel_cross_entropy``, loss masked afterwards)
+that the fast path is tested against.
 
 Tensor parallelism follows megatron's output layer (``ColumnParallelLinear``,
 ``gather_output=False``): rank r holds vocab rows [r*V_local, (r+1)*V_local), ``hidden`` is
 replicated, and its gradient is all-reduced over the TP group exactly once, by megatron's
-``copy_to_tensor_model_parallel_region`` in front of the head. The loss is megatron-core's
-``vocab_parallel_cross_entropy`` in both paths.
+``copy_to_tensor_model_parallel_region`` in front of the head. The fast path combines the
+ranks' vocabulary shards with two small all-reduces per chunk (row max and sum of exponentials;
+target logits), the same reduction megatron's vocab-parallel cross-entropy performs.
 """
 
 from __future__ import annotations
@@ -23,10 +25,11 @@ from torch import Tensor
 from torch.distributed import ProcessGroup
 
 IGNORE_INDEX = -100
-# One fp32 [64, 176_264] logits block is 45 MB, small next to the fp32 weight gradient
-# (V_local x h); below 64 rows the CPU GEMMs lose much of their speed
-# (jobs/benchmarks/bench_masked_head.py). GPUs want larger chunks (~512+) to stay compute-bound.
-DEFAULT_CHUNK_SIZE = 64
+# Positions per chunk: every masked row of a micro-batch in one GEMM on CPU (1024 x h), and the
+# vocabulary in blocks: one fp32 [1024, 1024] logits block is 4 MB, next to the 672 MB fp32
+# weight gradient of a 176,264 x 1024 head (jobs/benchmarks/bench_masked_head.py).
+DEFAULT_CHUNK_SIZE = 1024
+DEFAULT_VOCAB_BLOCK = 1024
 
 
 def resolve_tp_group(tp_group: ProcessGroup | None = None) -> ProcessGroup | None:
@@ -85,55 +88,93 @@ def _check_inputs(hidden: Tensor, weight: Tensor, ids: Tensor, token_weights: Te
                          f"[{int(scored.min())}, {int(scored.max())}]")
 
 
-def _accumulate_weight_grad(grad_w: Tensor, g: Tensor, h_c: Tensor) -> None:
-    """grad_w (fp32) += g^T h_c without a [V_local, h] temporary.
+def _all_reduce(tensor: Tensor, op, group: ProcessGroup | None) -> Tensor:
+    if _tp_size(group) > 1:
+        torch.distributed.all_reduce(tensor, op=op, group=group)
+    return tensor
 
-    fp32 accumulates in place (addmm_). Low-precision GEMMs cannot write into an fp32 buffer,
-    so they run over vocab blocks whose [block, h] product is no larger than the chunk's logits.
-    """
-    if g.dtype == grad_w.dtype:
-        grad_w.addmm_(g.t(), h_c)
-        return
-    block = max(1, g.numel() // h_c.shape[1])
-    for start in range(0, grad_w.shape[0], block):
-        grad_w[start:start + block] += g[:, start:start + block].t() @ h_c
+
+def _blocks(weight: Tensor, block: int):
+    for start in range(0, weight.shape[0], block):
+        yield slice(start, start + block), weight[start:start + block]
+
+
+def _log_normaliser(h_c: Tensor, weight: Tensor, block: int, group: ProcessGroup | None) -> Tensor:
+    """log sum_v exp(h_c . W_v) over the full vocabulary, one [C, block] logits block at a time
+    (online max/sum), combined over the TP ranks' vocabulary shards."""
+    running_max = torch.full((h_c.shape[0],), float("-inf"), device=h_c.device)
+    running_sum = torch.zeros(h_c.shape[0], device=h_c.device)
+    for _, w_b in _blocks(weight, block):
+        logits = (h_c @ w_b.t()).float()
+        new_max = torch.maximum(running_max, logits.amax(dim=1))
+        running_sum = (running_sum * torch.exp(running_max - new_max)
+                       + logits.sub_(new_max[:, None]).exp_().sum(dim=1))
+        running_max = new_max
+    global_max = _all_reduce(running_max.clone(), torch.distributed.ReduceOp.MAX, group)
+    total = _all_reduce(running_sum * torch.exp(running_max - global_max),
+                        torch.distributed.ReduceOp.SUM, group)
+    return global_max + total.log()
+
+
+def _accumulate(out: Tensor, a: Tensor, b: Tensor) -> None:
+    """out (fp32) += a @ b: in place when a, b are fp32; else through an [a.rows, b.cols]
+    temporary (a low-precision GEMM cannot write into an fp32 buffer)."""
+    if a.dtype == out.dtype:
+        out.addmm_(a, b)
+    else:
+        out += (a @ b).float()
+
+
+def _local_targets(targets: Tensor, vocab_local: int, group: ProcessGroup | None):
+    """(rows whose target id lives in this rank's vocabulary shard, their local ids)."""
+    first = (0 if group is None else group.rank()) * vocab_local
+    owned = (targets >= first) & (targets < first + vocab_local)
+    return owned.nonzero().squeeze(1), targets[owned] - first
 
 
 class _ChunkedMaskedHead(torch.autograd.Function):
-    """Loss and both gradients computed chunk by chunk in forward; backward only rescales.
+    """Loss and both gradients computed in forward, a [chunk, vocab_block] logits block at a time.
 
-    Per chunk: logits = h_c W^T (no graph), d(sum_i w_i CE_i)/d logits through megatron's CE via
-    ``torch.autograd.grad``, then grad_h[c] = g W and grad_W += g^T h_c into fp32 buffers. The
-    weight gradient is accumulated in place (addmm) rather than via autograd.grad on W, which
-    would allocate a second [V_local, h] tensor per chunk.
+    Per chunk of positions, two passes over the vocabulary blocks: the first finds each row's
+    log-normaliser (online max/sum, all-reduced over TP), the second recomputes each block's
+    logits, turns them in place into softmax x token weight and accumulates
+    grad_h += P W_b and grad_W[b] += P^T h_c into fp32 buffers; the target (one-hot) terms are
+    added by the rank owning each target id. Only one small logits block is ever alive, and the
+    GEMMs keep every masked row of the chunk (large, efficient shapes), so recomputing the
+    logits once costs less than the reference's full-size softmax.
     """
 
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor, token_weights: Tensor,
-                chunk_size: int, group: ProcessGroup | None) -> Tensor:
+                chunk_size: int, vocab_block: int, group: ProcessGroup | None) -> Tensor:
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         fp32 = dict(dtype=torch.float32, device=hidden.device)
         grad_h = torch.zeros(hidden.shape, **fp32) if need_h else None
         grad_w = torch.zeros(weight.shape, **fp32) if need_w else None
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        total = torch.zeros((), **fp32)
         for start in range(0, hidden.shape[0], chunk_size):
             rows = slice(start, start + chunk_size)
             h_c, w_c = hidden[rows], token_weights[rows]
-            logits = h_c @ weight.t()
+            log_z = _log_normaliser(h_c, weight, vocab_block, group)
+            owned, local_ids = _local_targets(targets[rows], weight.shape[0], group)
+            target_logit = torch.zeros(h_c.shape[0], **fp32)
+            target_logit[owned] = (h_c[owned] * weight[local_ids]).float().sum(dim=1)
+            _all_reduce(target_logit, torch.distributed.ReduceOp.SUM, group)
+            total += ((log_z - target_logit) * w_c).sum()
             if not (need_h or need_w):
-                total += (_token_cross_entropy(logits, targets[rows], group) * w_c).sum()
                 continue
-            with torch.enable_grad():
-                logits.requires_grad_(True)
-                loss_c = (_token_cross_entropy(logits, targets[rows], group) * w_c).sum()
-                (g,) = torch.autograd.grad(loss_c, logits)
-            total += loss_c.detach()
-            del logits, loss_c  # only g (megatron's in-place softmax buffer) outlives the CE
+            for block, w_b in _blocks(weight, vocab_block):
+                probs = (h_c @ w_b.t()).float().sub_(log_z[:, None]).exp_().mul_(w_c[:, None])
+                probs = probs.to(hidden.dtype)
+                if need_h:
+                    _accumulate(grad_h[rows], probs, w_b)
+                if need_w:
+                    _accumulate(grad_w[block], probs.t(), h_c)
+            scaled = w_c[owned, None]
             if need_h:
-                grad_h[rows] = g @ weight
+                grad_h[rows].index_add_(0, owned, -(weight[local_ids].float() * scaled))
             if need_w:
-                _accumulate_weight_grad(grad_w, g, h_c)
-            del g
+                grad_w.index_add_(0, local_ids, -(h_c[owned].float() * scaled))
         ctx.grads = (grad_h, grad_w)
         ctx.dtypes = (hidden.dtype, weight.dtype)
         return total
@@ -146,26 +187,28 @@ class _ChunkedMaskedHead(torch.autograd.Function):
         out = [None if g is None else g.mul_(grad_loss).to(dtype)
                for g, dtype in zip(grads, ctx.dtypes)]
         del grads
-        return out[0], out[1], None, None, None, None
+        return out[0], out[1], None, None, None, None, None
 
 
 def masked_lm_loss(hidden: Tensor, weight: Tensor, targets: Tensor,
                    token_weights: Tensor | None = None, chunk_size: int = DEFAULT_CHUNK_SIZE,
-                   tp_group: ProcessGroup | None = None) -> Tensor:
+                   tp_group: ProcessGroup | None = None,
+                   vocab_block: int = DEFAULT_VOCAB_BLOCK) -> Tensor:
     """sum_i w_i * CE_i over the full vocabulary, from hidden states at scored positions only.
 
     ``hidden`` [n, h] (replicated over TP), ``weight`` [V_local, h] (this rank's vocab rows),
-    ``targets`` [n] global ids. Never materialises more than [chunk_size, V_local] logits.
+    ``targets`` [n] global ids. Never materialises more than [chunk_size, vocab_block] logits.
     The gradients are computed during forward, so backward may run only once.
     """
-    if not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    for name, value in (("chunk_size", chunk_size), ("vocab_block", vocab_block)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
     group = resolve_tp_group(tp_group)
     _check_inputs(hidden, weight, targets, token_weights, group, ignore=False)
     weights = (torch.ones(targets.shape, device=hidden.device) if token_weights is None
                else token_weights.float())
     return _ChunkedMaskedHead.apply(_copy_to_tp_region(hidden, group), weight, targets,
-                                    weights, chunk_size, group)
+                                    weights, chunk_size, vocab_block, group)
 
 
 def reference_lm_loss(hidden: Tensor, weight: Tensor, labels: Tensor,

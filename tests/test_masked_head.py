@@ -69,11 +69,13 @@ def single_process(request, monkeypatch):
         yield request.param
 
 
+@pytest.mark.parametrize("vocab_block", [7, 50, 2048])  # 50 rows: blocks 7 (ragged), 1, 1
 @pytest.mark.parametrize("chunk_size", [1, 4, 7, 64])
-def test_fast_matches_reference_tp1(single_process, chunk_size):
+def test_fast_matches_reference_tp1(single_process, chunk_size, vocab_block):
     problem = _problem(seed=chunk_size)
     want = _loss_and_grads(reference_lm_loss, *problem, grad_scale=0.37)
-    got = _loss_and_grads(_fast, *problem, grad_scale=0.37, chunk_size=chunk_size)
+    got = _loss_and_grads(_fast, *problem, grad_scale=0.37, chunk_size=chunk_size,
+                          vocab_block=vocab_block)
     _assert_all_close(got, want)
     _assert_all_close(want, _plain_full_vocab(*problem, grad_scale=0.37))
 
@@ -121,6 +123,7 @@ def test_backward_runs_once():
     ("target", "target ids must lie in"),
     ("shape", "must be"),
     ("chunk", "chunk_size"),
+    ("block", "vocab_block"),
     ("group", "tp_group"),
 ])
 def test_bad_input_is_one_line_error(case, message):
@@ -133,6 +136,8 @@ def test_bad_input_is_one_line_error(case, message):
         weight = weight[:, :-1]
     elif case == "chunk":
         kwargs["chunk_size"] = 0
+    elif case == "block":
+        kwargs["vocab_block"] = -1
     else:
         kwargs["tp_group"] = object()
     with pytest.raises(ValueError, match=message):
@@ -145,7 +150,7 @@ def _tp2_worker() -> None:
     rank = torch.distributed.get_rank()
     rows = slice(rank * VOCAB // 2, (rank + 1) * VOCAB // 2)
     try:
-        for seed, chunk_size in ((10, 3), (11, 64)):
+        for seed, chunk_size, vocab_block in ((10, 3, 4), (11, 64, 2048)):
             hidden, weight, labels, token_weights = _problem(seed)
             full = _plain_full_vocab(hidden, weight, labels, token_weights, grad_scale=1.7)
             want = (full[0], full[1], full[2][rows])
@@ -153,7 +158,8 @@ def _tp2_worker() -> None:
             ref = _loss_and_grads(reference_lm_loss, hidden, shard, labels, token_weights,
                                   grad_scale=1.7)
             fast = _loss_and_grads(_fast, hidden, shard, labels, token_weights,
-                                   grad_scale=1.7, chunk_size=chunk_size)
+                                   grad_scale=1.7, chunk_size=chunk_size,
+                                   vocab_block=vocab_block)
             _assert_all_close(fast, ref)
             _assert_all_close(ref, want)
             _assert_all_close(fast, want)
