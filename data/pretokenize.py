@@ -15,11 +15,10 @@ from pathlib import Path
 import yaml
 from tqdm import tqdm
 
-from omnidiff.data.media_reader import MediaReader
-from omnidiff.data.media_tokenize import Rejected, SampleTokenizer, load_tokenizers
+from omnidiff.data.media_tokenize import SampleTokenizer, load_tokenizers
 from omnidiff.data.mixture import load_mixture_config
 from omnidiff.data.sequences import SequenceBuilder
-from omnidiff.data.shard_source import reader_config
+from omnidiff.data.shard_source import ShardStream, reader_config
 from omnidiff.data.shards import list_shards
 from omnidiff.data.sources import SINGLE_SOURCE, stage_sources
 from omnidiff.data.token_shards import SUFFIX, TokenShardWriter
@@ -63,27 +62,25 @@ def tokenize_shards(data_cfg, out_dir: str | Path, vocab: UnifiedVocab, text: Te
     for name, shards in specs.items():
         config = reader_config(data_cfg, shards, seed=0, shuffle=False).model_copy(
             update={"batch_size": _pass_batch_size(shards, data_cfg.reader_batch_size)})
-        reader = MediaReader(config)
+        stream = ShardStream(config, tokenize)
+        reader = stream.reader
         writer = TokenShardWriter(out_dir / f"{name}-%06d{SUFFIX}", vocab, shard_size)
         written = 0
         with tqdm(total=reader.epoch_size, desc=f"tokenize {name}", unit="sample",
                   disable=not progress) as bar:
             while reader.samples_read < reader.epoch_size:
-                batch = next(reader)
-                for sample, result in zip(batch.samples, tokenize(batch)):
-                    if isinstance(result, Rejected):
-                        reader.reject(sample.key, sample.shard, result.reason, result.detail)
-                    else:
-                        writer.write(result)
-                        written += 1
+                for sample in stream.read_batch():
+                    writer.write(sample)
+                    written += 1
                 bar.update(reader.samples_read - bar.n)
         paths = writer.close()
         reports[name] = SourceReport(reader.samples_read, written, [p.name for p in paths],
                                      {reason: n for reason, n in reader.skipped.items() if n})
-    written = {name for name, report in reports.items() if report.shards}
-    stages = {stage: kept for stage, ratios in (stages or {"default": {SINGLE_SOURCE: 1.0}}).items()
-              if (kept := {n: r for n, r in ratios.items() if n in written})}
-    document = {"sources": {name: {"shards": [f"{name}-*{SUFFIX}"]} for name in sorted(written)},
+    kept = {name for name, report in reports.items() if report.shards}
+    stages = {stage: ratios for stage, all_ratios in
+              (stages or {"default": {SINGLE_SOURCE: 1.0}}).items()
+              if (ratios := {n: r for n, r in all_ratios.items() if n in kept})}
+    document = {"sources": {name: {"shards": [f"{name}-*{SUFFIX}"]} for name in sorted(kept)},
                 "stages": stages}
     mixture = out_dir / "mixture.yaml"
     mixture.write_text("# Token shards written by omnidiff tokenize.\n"

@@ -40,15 +40,24 @@ class ShardStream:
     def __iter__(self) -> ShardStream:
         return self
 
+    def read_batch(self) -> list[TokenSample]:
+        """Tokenise the reader's next batch; the samples that became no sequence are rejected
+        through the reader (counted and logged like the ones it skipped itself)."""
+        batch = next(self.reader)
+        good = []
+        for sample, result in zip(batch.samples, self.tokenize(batch)):
+            if isinstance(result, Rejected):
+                self.reader.reject(sample.key, sample.shard, result.reason, result.detail)
+            else:
+                good.append(result)
+        return good
+
     def __next__(self) -> TokenSample:
         while not self._pending:
-            batch = next(self.reader)
-            for sample, result in zip(batch.samples, self.tokenize(batch)):
-                if isinstance(result, Rejected):
-                    self.reader.reject(sample.key, sample.shard, result.reason, result.detail)
-                else:
-                    self._pending.append(result)
-            self._fruitless = 0 if self._pending else self._fruitless + len(batch)
+            before = self.reader.samples_read
+            self._pending = self.read_batch()
+            read = self.reader.samples_read - before
+            self._fruitless = 0 if self._pending else self._fruitless + read
             if self._fruitless >= max(self.reader.epoch_size, 1):
                 raise MediaReaderError(
                     f"no sample of shards {self.reader.config.shards} became a token sequence in "
