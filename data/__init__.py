@@ -1,1 +1,4 @@
-"""Vocabulary, tokenizers, task sequences, packing, shards, DALI pipelines and demo data."""
+"""The data path, by stage: ``media`` (shards, validation, DALI decode) -> ``tokenizers`` (image,
+speech) -> ``tokens`` (vocabulary, text tokenizer, task sequences, packing, noising) ->
+``streams`` (sources, mixtures, token shards, synthetic data, batches); ``demo`` builds the
+demo dataset."""

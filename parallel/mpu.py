@@ -1,10 +1,9 @@
-"""megatron-core's ``parallel_state`` as the ``mpu`` object DeepSpeed expects.
+"""The run's :class:`~omnidiff.parallel.dims.ParallelDims` as the ``mpu`` object DeepSpeed expects.
 
 DeepSpeed partitions ZeRO state over ``get_data_parallel_group()`` and computes the gradient
 norm as: every parameter tagged ``tensor_model_parallel`` (megatron's attribute) counts on every
 rank, every other (replicated) parameter only where ``get_model_parallel_rank() == 0``, then a
-sum over ``get_model_parallel_group()``. ``parallel_state`` lacks some of these names
-(REFERENCE §7), so this adapter supplies them with Megatron-DeepSpeed's meaning:
+sum over ``get_model_parallel_group()``. Megatron-DeepSpeed's meaning of these names is kept:
 
 * model-parallel *group* = the tensor x pipeline group (one copy of every parameter);
 * model-parallel *rank* = the tensor-parallel rank, so replicated parameters (norms) count once
@@ -17,55 +16,59 @@ example ``get_sequence_parallel_world_size`` would turn on its Ulysses data layo
 from __future__ import annotations
 
 import torch.distributed as dist
-from megatron.core import parallel_state as ps
+
+from omnidiff.parallel.dims import ParallelDims
 
 
 class MegatronMPU:
-    """Stateless view of the groups created by :func:`omnidiff.parallel.topology.initialize`."""
+    """A view of ``dims`` under DeepSpeed's method names."""
+
+    def __init__(self, dims: ParallelDims) -> None:
+        self.dims = dims
 
     # --- tensor parallel ----------------------------------------------------------------------
     def get_tensor_model_parallel_rank(self) -> int:
-        return ps.get_tensor_model_parallel_rank()
+        return self.dims.tp_rank
 
     def get_tensor_model_parallel_world_size(self) -> int:
-        return ps.get_tensor_model_parallel_world_size()
+        return self.dims.tp
 
     def get_tensor_model_parallel_group(self):
-        return ps.get_tensor_model_parallel_group()
+        return self.dims.group("tp")
 
     def get_tensor_model_parallel_src_rank(self) -> int:
-        return ps.get_tensor_model_parallel_src_rank()
+        return self.dims.rank - self.dims.tp_rank
 
     # --- pipeline parallel --------------------------------------------------------------------
     def get_pipeline_model_parallel_rank(self) -> int:
-        return ps.get_pipeline_model_parallel_rank()
+        return self.dims.pp_rank
 
     def get_pipeline_model_parallel_world_size(self) -> int:
-        return ps.get_pipeline_model_parallel_world_size()
+        return self.dims.pp
 
     def get_pipeline_model_parallel_group(self):
-        return ps.get_pipeline_model_parallel_group()
+        return self.dims.group("pp")
 
     # --- data parallel ------------------------------------------------------------------------
     def get_data_parallel_rank(self) -> int:
-        return ps.get_data_parallel_rank()
+        return self.dims.dp_rank
 
     def get_data_parallel_world_size(self) -> int:
-        return ps.get_data_parallel_world_size()
+        return self.dims.dp
 
     def get_data_parallel_group(self):
-        return ps.get_data_parallel_group()
+        return self.dims.group("dp")
 
     def get_data_parallel_group_ranks(self) -> list[int]:
-        return dist.get_process_group_ranks(ps.get_data_parallel_group())
+        return dist.get_process_group_ranks(self.dims.group("dp"))
 
     # --- model parallel (tensor x pipeline) ---------------------------------------------------
     def get_model_parallel_group(self):
-        return ps.get_model_parallel_group()
+        return self.dims.group("mp")
 
     def get_model_parallel_world_size(self) -> int:
-        return dist.get_world_size(ps.get_model_parallel_group())
+        return self.dims.tp * self.dims.pp
 
     def get_model_parallel_rank(self) -> int:
         """The TP rank: where replicated parameters are counted in the gradient norm."""
-        return ps.get_tensor_model_parallel_rank()
+        return self.dims.tp_rank

@@ -13,6 +13,10 @@ against the ``partition_dim`` / ``partition_stride`` attributes megatron puts on
   ``[gate_r; up_r]`` (a contiguous split would give rank 0 all of gate).
 * ``linear_proj`` / ``linear_fc2`` (row-parallel): columns (dim 1), contiguous.
 * norms: replicated. ``_extra_state`` entries (TE's FP8 metadata) are not weights: dropped.
+
+Parameter names also differ between the two layer specs (TE fuses each pre-norm into the linear
+that follows it): :func:`to_transformer_engine_names` / :func:`to_portable_names` move a
+checkpoint between them.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from omnidiff import UserError
 
 Tensor = torch.Tensor
 VOCAB_KEYS = ("embedding.weight", "output_layer.weight")
@@ -50,7 +56,7 @@ _LAYOUTS: tuple[tuple[str, Layout], ...] = (
 )
 
 
-class ReshardingError(ValueError):
+class ReshardingError(UserError, ValueError):
     """A state dict that cannot be split or merged as asked."""
 
 
@@ -154,3 +160,35 @@ def _gather_tp(module: torch.nn.Module) -> dict[str, Tensor]:
         dist.all_gather(parts, value.detach().contiguous(), group=group)
         full[name] = unshard(parts, layout)
     return full
+
+
+# portable parameter name suffix -> TE spec name (the norm fused into the following linear)
+TE_PARAMETER_NAMES = {
+    "input_layernorm.weight": "self_attention.linear_qkv.layer_norm_weight",
+    "pre_mlp_layernorm.weight": "mlp.linear_fc1.layer_norm_weight",
+}
+
+
+def _renamed(state: Mapping[str, Tensor],
+             table: Mapping[str, str]) -> dict[str, Tensor]:
+    """Suffix renames; ``_extra_state`` (TE's FP8 metadata, None in megatron's local linears)
+    is dropped: it has no counterpart in the other spec, whose modules keep their own."""
+    renamed = {}
+    for name, value in state.items():
+        if name.endswith("._extra_state"):
+            continue
+        for old_suffix, new_suffix in table.items():
+            if name.endswith("." + old_suffix):
+                name = name[: -len(old_suffix)] + new_suffix
+        renamed[name] = value
+    return renamed
+
+
+def to_transformer_engine_names(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """A portable-spec state dict under the TE spec's parameter names."""
+    return _renamed(state, TE_PARAMETER_NAMES)
+
+
+def to_portable_names(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """A TE-spec state dict under the portable spec's parameter names."""
+    return _renamed(state, {te: portable for portable, te in TE_PARAMETER_NAMES.items()})

@@ -10,6 +10,10 @@ FP8 on GPUs.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import torch
+
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
@@ -21,39 +25,65 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
 from omnidiff.kernels.attention import PackedSDPAttention
-from omnidiff.parallel.precision import MissingGPUStackError, missing_gpu_stack, portable_norm
+from omnidiff.kernels.rmsnorm import RMSNorm
+from omnidiff.parallel.config import ParallelConfig
+from omnidiff.parallel.gpu_stack import (
+    MissingGPUStackError, apex_extension_available, missing_gpu_stack)
 from omnidiff.parallel.recompute import RecomputedSelfAttention, RecomputedTransformerLayer
 
 
-def portable_layer_spec() -> ModuleSpec:
-    """A transformer layer from megatron-core parts that run on CPU and GPU alike."""
-    norm = portable_norm()
+class ApexRMSNorm(RMSNorm):
+    """The portable RMSNorm with apex's fused kernel for CUDA tensors (the reference otherwise).
+
+    Same parameter, same ``sequence_parallel`` tag; apex scales in fp32 and casts once, the
+    reference casts before scaling, so bf16 outputs differ by rounding only.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda and x.dtype == self.weight.dtype:
+            from apex.normalization.fused_layer_norm import fused_rms_norm_affine
+
+            return fused_rms_norm_affine(x, self.weight, self.weight.shape, self.eps)
+        return super().forward(x)
+
+
+def portable_norm() -> type[RMSNorm]:
+    """The RMSNorm class of the portable spec: apex-fused when apex's kernel is built."""
+    return ApexRMSNorm if apex_extension_available("fused_layer_norm_cuda") else RMSNorm
+
+
+def _layer_spec(layer: type, attention: type, mask_type: AttnMaskType, column: type, row: type,
+                core_attention: type, norm: type) -> ModuleSpec:
+    """Pre-norm layer: GQA self-attention with q/k/v bias, SwiGLU MLP, from these leaf modules
+    (``norm`` is ``IdentityOp`` where the linear that follows fuses it)."""
     return ModuleSpec(
-        module=RecomputedTransformerLayer,
+        module=layer,
         submodules=TransformerLayerSubmodules(
             input_layernorm=norm,
             self_attention=ModuleSpec(
-                module=RecomputedSelfAttention,
-                # Bidirectional: the block-diagonal packing mask is the only mask.
-                params={"attn_mask_type": AttnMaskType.no_mask},
+                module=attention,
+                params={"attn_mask_type": mask_type},
                 submodules=SelfAttentionSubmodules(
-                    linear_qkv=ColumnParallelLinear,
-                    core_attention=PackedSDPAttention,
-                    linear_proj=RowParallelLinear,
-                    q_layernorm=IdentityOp,
-                    k_layernorm=IdentityOp,
-                ),
+                    linear_qkv=column, core_attention=core_attention, linear_proj=row,
+                    q_layernorm=IdentityOp, k_layernorm=IdentityOp),
             ),
             self_attn_bda=get_bias_dropout_add,
             pre_mlp_layernorm=norm,
-            mlp=ModuleSpec(
-                module=MLP,
-                submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear,
-                                         linear_fc2=RowParallelLinear),
-            ),
+            mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=column,
+                                                                linear_fc2=row)),
             mlp_bda=get_bias_dropout_add,
         ),
     )
+
+
+def portable_layer_spec() -> ModuleSpec:
+    """A transformer layer from megatron-core parts that run on CPU and GPU alike.
+
+    Bidirectional: the block-diagonal packing mask is the only mask.
+    """
+    return _layer_spec(RecomputedTransformerLayer, RecomputedSelfAttention, AttnMaskType.no_mask,
+                       ColumnParallelLinear, RowParallelLinear, PackedSDPAttention,
+                       portable_norm())
 
 
 def transformer_engine_layer_spec() -> ModuleSpec:
@@ -66,7 +96,8 @@ def transformer_engine_layer_spec() -> ModuleSpec:
     format is ``thd`` with ``cu_seqlens`` (``PackedSeqParams``, mask type ``padding``), which
     needs the model's forward to pass packing as cumulative lengths instead of a mask.
     The pre-norms are ``IdentityOp`` because TE fuses them into ``linear_qkv`` / ``linear_fc1``.
-    Building the spec only names classes; instantiating them needs TE (see :func:`block_spec`).
+    Building the spec only names classes; instantiating them needs TE (see
+    :func:`transformer_engine_spec`).
     """
     from megatron.core.extensions.transformer_engine import (
         TEDotProductAttention,
@@ -74,40 +105,38 @@ def transformer_engine_layer_spec() -> ModuleSpec:
         TERowParallelLinear,
     )
 
-    return ModuleSpec(
-        module=TransformerLayer,
-        submodules=TransformerLayerSubmodules(
-            self_attention=ModuleSpec(
-                module=SelfAttention,
-                params={"attn_mask_type": AttnMaskType.arbitrary},
-                submodules=SelfAttentionSubmodules(
-                    linear_qkv=TELayerNormColumnParallelLinear,
-                    core_attention=TEDotProductAttention,
-                    linear_proj=TERowParallelLinear,
-                    q_layernorm=IdentityOp,
-                    k_layernorm=IdentityOp,
-                ),
-            ),
-            self_attn_bda=get_bias_dropout_add,
-            mlp=ModuleSpec(
-                module=MLP,
-                submodules=MLPSubmodules(linear_fc1=TELayerNormColumnParallelLinear,
-                                         linear_fc2=TERowParallelLinear),
-            ),
-            mlp_bda=get_bias_dropout_add,
-        ),
-    )
+    return _layer_spec(TransformerLayer, SelfAttention, AttnMaskType.arbitrary,
+                       TELayerNormColumnParallelLinear, TERowParallelLinear,
+                       TEDotProductAttention, IdentityOp)
 
 
-def block_spec(num_layers: int, use_transformer_engine: bool) -> TransformerBlockSubmodules:
-    """All layers of one (pipeline stage's) block plus the final norm."""
-    if use_transformer_engine:
-        missing = missing_gpu_stack()
-        if missing:
-            raise MissingGPUStackError("the Transformer Engine spec needs " + " and ".join(missing))
-        from megatron.core.extensions.transformer_engine import TENorm
+@dataclass(frozen=True)
+class StackSpec:
+    """What a model is built from: one transformer layer's spec and the final norm's class."""
 
-        layer, final_norm = transformer_engine_layer_spec(), TENorm
-    else:
-        layer, final_norm = portable_layer_spec(), portable_norm()
-    return TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=final_norm)
+    layer: ModuleSpec
+    final_norm: type
+
+    def block(self, num_layers: int) -> TransformerBlockSubmodules:
+        """``num_layers`` layers (one pipeline stage's, or all) plus the final norm."""
+        return TransformerBlockSubmodules(layer_specs=[self.layer] * num_layers,
+                                          layer_norm=self.final_norm)
+
+
+def portable_spec() -> StackSpec:
+    return StackSpec(portable_layer_spec(), portable_norm())
+
+
+def transformer_engine_spec() -> StackSpec:
+    """The TE layer spec; raises :class:`MissingGPUStackError` where TE cannot run."""
+    missing = missing_gpu_stack()
+    if missing:
+        raise MissingGPUStackError("the Transformer Engine spec needs " + " and ".join(missing))
+    from megatron.core.extensions.transformer_engine import TENorm
+
+    return StackSpec(transformer_engine_layer_spec(), TENorm)
+
+
+def layer_spec_for(parallel: ParallelConfig) -> StackSpec:
+    """The spec a run's ``parallel`` section asks for (``transformer_engine``)."""
+    return transformer_engine_spec() if parallel.transformer_engine else portable_spec()

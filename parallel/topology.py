@@ -1,9 +1,8 @@
-"""Process topology: the TP x PP x DP layout (torchtitan's ``ParallelDims``) and its set-up.
+"""Process set-up: the default process group, megatron-core's TP/PP/DP groups, seeding.
 
-Rank order is TP fastest, then DP, then PP: megatron-core's default ``tp-cp-ep-dp-pp`` order,
-which DeepSpeed's ``PipeModelDataParallelTopology`` (axes pipe, data, model) mirrors; both are
-derived here from the same :class:`ParallelDims` and :func:`rank_groups` checks they agree.
-gloo on CPU, NCCL on GPU.
+:func:`initialize` returns the run's :class:`~omnidiff.parallel.dims.ParallelDims` with its
+process groups; everything downstream asks that object, not megatron's globals, for ranks and
+groups. gloo on CPU, NCCL on GPU.
 
 Seeding (:func:`seed`): every rank seeds the same generator before building the model. With
 megatron's CPU initialisation each rank draws the *full* master weight and keeps its slice
@@ -14,64 +13,16 @@ TP=1 model built from the same seed (see :mod:`omnidiff.parallel.resharding`).
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
 from omnidiff.parallel import cpu_compat
+from omnidiff.parallel.dims import MEGATRON_ORDER, ParallelDims
 from omnidiff.parallel.launcher import free_port
 
-
-class TopologyError(ValueError):
-    """The requested parallel layout does not fit the world size."""
-
-
-@dataclass(frozen=True)
-class ParallelDims:
-    world_size: int
-    tp: int = 1
-    pp: int = 1
-
-    def __post_init__(self) -> None:
-        if self.world_size % (self.tp * self.pp):
-            raise TopologyError(
-                f"world size {self.world_size} is not a multiple of tensor_parallel x "
-                f"pipeline_parallel = {self.tp} x {self.pp}"
-            )
-
-    @property
-    def dp(self) -> int:
-        return self.world_size // (self.tp * self.pp)
-
-
-MEGATRON_ORDER = "tp-cp-ep-dp-pp"
 _LONE_ENV: dict[str, str] = {}  # launcher variables this process set for itself (world of one)
-_DEEPSPEED_AXES = {"tp": "model", "dp": "data", "pp": "pipe"}
-
-
-def deepspeed_topology(dims: ParallelDims):
-    """DeepSpeed's topology for ``dims`` (for ``PipelineModule(topology=...)``)."""
-    from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
-
-    return PipeModelDataParallelTopology(num_pp=dims.pp, num_mp=dims.tp, num_dp=dims.dp)
-
-
-def rank_groups(dims: ParallelDims) -> dict[str, list[list[int]]]:
-    """The TP/DP/PP process groups of megatron's layout; raises if DeepSpeed's would differ."""
-    from megatron.core.parallel_state import RankGenerator
-
-    generator = RankGenerator(tp=dims.tp, ep=1, dp=dims.dp, pp=dims.pp, cp=1,
-                              order=MEGATRON_ORDER)
-    topo = deepspeed_topology(dims)
-    groups = {}
-    for name, axis in _DEEPSPEED_AXES.items():
-        megatron = sorted(generator.get_ranks(name))
-        if megatron != sorted(topo.get_axis_comm_lists(axis)):
-            raise TopologyError(f"megatron and DeepSpeed disagree on the {name} groups for {dims}")
-        groups[name] = megatron
-    return groups
 
 
 def init_process_group(backend: str | None = None, timeout_s: int = 600) -> None:
@@ -96,15 +47,22 @@ def init_process_group(backend: str | None = None, timeout_s: int = 600) -> None
 
 def initialize(tp: int = 1, pp: int = 1, backend: str | None = None) -> ParallelDims:
     """Create the process group and megatron-core's TP/PP/DP groups; return the layout."""
-    from megatron.core import parallel_state
+    from megatron.core import parallel_state as ps
 
     init_process_group(backend)
-    dims = ParallelDims(dist.get_world_size(), tp, pp)
-    if parallel_state.model_parallel_is_initialized():
-        parallel_state.destroy_model_parallel()
-    parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, order=MEGATRON_ORDER
-    )
+    dims = ParallelDims(dist.get_world_size(), tp, pp, rank=dist.get_rank())
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                                 order=MEGATRON_ORDER)
+    coordinates = (ps.get_tensor_model_parallel_rank(), ps.get_data_parallel_rank(),
+                   ps.get_pipeline_model_parallel_rank())
+    if coordinates != (dims.tp_rank, dims.dp_rank, dims.pp_rank):
+        raise RuntimeError(f"megatron placed rank {dims.rank} at (tp, dp, pp) = {coordinates}, "
+                           f"ParallelDims at {(dims.tp_rank, dims.dp_rank, dims.pp_rank)}")
+    dims.groups.update(tp=ps.get_tensor_model_parallel_group(), dp=ps.get_data_parallel_group(),
+                       pp=ps.get_pipeline_model_parallel_group(),
+                       mp=ps.get_model_parallel_group())
     return dims
 
 

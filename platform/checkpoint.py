@@ -9,10 +9,6 @@ Layout::
 A save first writes into ``.tmp_step_*`` and is renamed into place only after every rank has
 written and ``meta.json`` exists, so a crash mid-save leaves the previous checkpoint as the newest
 complete one. Only rank 0 renames and prunes.
-
-Test hook: with ``OMNIDIFF_TEST_STALL_SAVE=<step>`` the last rank hangs just before writing its
-shard of that step's checkpoint (the other shards are written), so a test can kill a run in the
-middle of a save, like a node lost mid-save.
 """
 
 from __future__ import annotations
@@ -31,7 +27,6 @@ from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
 META = "meta.json"
 PREFIX = "step_"
-STALL_ENV = "OMNIDIFF_TEST_STALL_SAVE"
 
 
 def checkpoint_root(output_dir: str | Path) -> Path:
@@ -95,6 +90,12 @@ def resolve_resume(resume: str, output_dir: str | Path) -> Path | None:
     return path
 
 
+def write_shard(path: Path, state: dict) -> None:
+    """One rank's shard, written whole or not at all."""
+    torch.save(state, path.with_suffix(".part"))
+    os.replace(path.with_suffix(".part"), path)
+
+
 def save(output_dir: str | Path, step: int, state: dict, keep_last: int,
          meta: dict | None = None) -> Path:
     """Collectively save this rank's ``state``; returns the final checkpoint directory."""
@@ -105,12 +106,7 @@ def save(output_dir: str | Path, step: int, state: dict, keep_last: int,
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     _barrier()
-    shard = tmp / f"rank{_rank():05d}.pt"
-    if os.environ.get(STALL_ENV) == str(step) and _rank() == _world() - 1:
-        while True:  # the test hook above: wait to be killed
-            time.sleep(1)
-    torch.save({**state, "rng": rng_state()}, shard.with_suffix(".part"))
-    os.replace(shard.with_suffix(".part"), shard)
+    write_shard(tmp / f"rank{_rank():05d}.pt", {**state, "rng": rng_state()})
     _barrier()
     if _rank() == 0:
         info = {"step": step, "world_size": _world(), "time": time.time(), **(meta or {})}

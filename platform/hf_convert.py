@@ -60,6 +60,10 @@ def megatron_to_hf(state_dict: Mapping[str, Tensor], model_cfg: ModelConfig) -> 
     """TP=1 megatron-core state dict -> HF ``OmniDiffusionForMaskedDiffusion`` state dict."""
     src = {k: v for k, v in state_dict.items() if not k.endswith("._extra_state")}
     _check(src, _megatron_shapes(model_cfg, _rows(src, "embedding.weight")), "megatron")
+    return _to_hf(src, model_cfg)
+
+
+def _to_hf(src: Mapping[str, Tensor], model_cfg: ModelConfig) -> dict[str, Tensor]:
     out = {hf: src[mg] for mg, hf in _RENAMES}
     for i in range(model_cfg.num_layers):
         mp, hp = f"decoder.layers.{i}.", f"model.layers.{i}."
@@ -112,24 +116,8 @@ def _fuse_qkv(q: Tensor, k: Tensor, v: Tensor, model_cfg: ModelConfig) -> Tensor
     return grouped.reshape(-1, *rest)
 
 
-def _hf_shapes(model_cfg: ModelConfig, vocab_rows: int) -> dict[str, tuple[int, ...]]:
-    h, f, d = model_cfg.hidden_size, model_cfg.ffn_hidden_size, model_cfg.head_dim
-    nq, ng = model_cfg.num_attention_heads, model_cfg.num_query_groups
-    shapes = {"model.embed_tokens.weight": (vocab_rows, h), "model.norm.weight": (h,),
-              "lm_head.weight": (vocab_rows, h)}
-    for i in range(model_cfg.num_layers):
-        p = f"model.layers.{i}."
-        shapes |= {p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
-                   p + "self_attn.o_proj.weight": (h, nq * d), p + "mlp.down_proj.weight": (h, f),
-                   p + "mlp.gate_proj.weight": (f, h), p + "mlp.up_proj.weight": (f, h)}
-        for name, heads in (("q", nq), ("k", ng), ("v", ng)):
-            shapes[f"{p}self_attn.{name}_proj.weight"] = (heads * d, h)
-            if model_cfg.qkv_bias:
-                shapes[f"{p}self_attn.{name}_proj.bias"] = (heads * d,)
-    return shapes
-
-
 def _megatron_shapes(model_cfg: ModelConfig, vocab_rows: int) -> dict[str, tuple[int, ...]]:
+    """Every tensor of the TP=1 megatron model and its shape: the one shape table."""
     h, f, d = model_cfg.hidden_size, model_cfg.ffn_hidden_size, model_cfg.head_dim
     nq, ng = model_cfg.num_attention_heads, model_cfg.num_query_groups
     shapes = {"embedding.weight": (vocab_rows, h), "decoder.final_layernorm.weight": (h,),
@@ -143,6 +131,13 @@ def _megatron_shapes(model_cfg: ModelConfig, vocab_rows: int) -> dict[str, tuple
         if model_cfg.qkv_bias:
             shapes[p + "self_attention.linear_qkv.bias"] = ((nq + 2 * ng) * d,)
     return shapes
+
+
+def _hf_shapes(model_cfg: ModelConfig, vocab_rows: int) -> dict[str, tuple[int, ...]]:
+    """The HF shapes, derived from the megatron table by converting shape-only tensors."""
+    meta = {key: torch.empty(shape, device="meta")
+            for key, shape in _megatron_shapes(model_cfg, vocab_rows).items()}
+    return {k: tuple(v.shape) for k, v in _to_hf(meta, model_cfg).items()}
 
 
 def _rows(state: Mapping[str, Tensor], key: str) -> int:

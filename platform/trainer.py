@@ -12,56 +12,25 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-import torch
 from tqdm import tqdm
 
-from omnidiff.data.batches import PackedBatchStream
-from omnidiff.data.sources import build_sample_source
-from omnidiff.data.text_tokenizer import load_text_tokenizer
-from omnidiff.data.vocab import UnifiedVocab
+from omnidiff.data.streams.batches import batch_stream, noised_micro_batches
+from omnidiff.data.streams.sources import build_sample_source
+from omnidiff.data.tokens.noising import NoisedBatch
+from omnidiff.data.tokens.packing import sample_lengths
+from omnidiff.data.tokens.text import build_vocab
+from omnidiff.monitoring.flops import training_flops
 from omnidiff.monitoring.metrics import MetricsLogger
-from omnidiff.monitoring.throughput import ThroughputMeter, flops_per_token
+from omnidiff.monitoring.sinks import build_sinks
+from omnidiff.monitoring.throughput import ThroughputMeter
 from omnidiff.parallel import topology
 from omnidiff.parallel.engines import build_engine
+from omnidiff.parallel.engines.base import TrainEngine
 from omnidiff.platform import checkpoint
 from omnidiff.platform.config import RunConfig, dump_config
-from omnidiff.platform.diffusion import NoisedBatch, TailPadder, noise_batch
-from omnidiff.platform.engine import TrainEngine
+from omnidiff.platform.objective import DiffusionObjective
 
 log = logging.getLogger("omnidiff.train")
-
-
-def seed_for(*parts: int) -> int:
-    """A well-mixed 63-bit seed from integers (seed, step, micro-batch, rank, ...)."""
-    return int(np.random.SeedSequence(list(parts)).generate_state(2, np.uint64)[0] >> 1)
-
-
-def build_vocab(cfg: RunConfig):
-    tokenizer = load_text_tokenizer(cfg.data.text_tokenizer)
-    vocab = UnifiedVocab.from_text_tokenizer(tokenizer, cfg.data.speech_codebook_size,
-                                             cfg.data.image_codebook_size)
-    return vocab, tokenizer
-
-
-def batch_stream(cfg: RunConfig, vocab: UnifiedVocab, tokenizer, dp_rank: int = 0,
-                 dp: int = 1) -> PackedBatchStream:
-    """This DP rank's packed micro-batches (its own part of the samples)."""
-    source = build_sample_source(cfg, vocab, tokenizer, dp_rank, dp)
-    transform = None
-    if cfg.diffusion.tail_pad:
-        transform = TailPadder(vocab.eos_id, cfg.diffusion.tail_pad_max,
-                               seed_for(cfg.seed, 1, dp_rank))
-    return PackedBatchStream(source, cfg.data.seq_length, vocab.eos_id,
-                             cfg.data.micro_batch_size, transform)
-
-
-def noised_micro_batches(cfg: RunConfig, vocab: UnifiedVocab, batches: PackedBatchStream,
-                         step: int, count: int, dp_rank: int = 0) -> list[NoisedBatch]:
-    """The next ``count`` micro-batches, noised with seeds fixed by (seed, step, micro, rank)."""
-    return [noise_batch(next(batches), cfg.diffusion, vocab.mask_id,
-                        torch.Generator().manual_seed(seed_for(cfg.seed, step, i, dp_rank)))
-            for i in range(count)]
 
 
 @dataclass
@@ -75,29 +44,34 @@ class TrainSummary:
 
 class Trainer:
     def __init__(self, cfg: RunConfig) -> None:
-        from megatron.core import parallel_state
-
         self.cfg = cfg
         self.dims = topology.initialize(cfg.parallel.tensor_parallel,
                                         cfg.parallel.pipeline_parallel)
-        self.dp_rank = parallel_state.get_data_parallel_rank()
-        self.is_main = torch.distributed.get_rank() == 0
+        self.accumulation = self.dims.micro_batches(cfg.data)
         self.output_dir = Path(cfg.output_dir)
-        self.vocab, tokenizer = build_vocab(cfg)
-        micro = cfg.data.micro_batch_size * self.dims.dp
-        if cfg.data.global_batch_size % micro:
-            raise ValueError(
-                f"data.global_batch_size ({cfg.data.global_batch_size}) must be a multiple of "
-                f"micro_batch_size x data-parallel size ({micro})")
-        self.accumulation = cfg.data.global_batch_size // micro
+        self.vocab, tokenizer = build_vocab(cfg.data)
+        self.vocab_size = self.vocab.padded_size(cfg.parallel.tensor_parallel)
+        self.engine: TrainEngine = build_engine(cfg, self.dims, self.vocab_size,
+                                                DiffusionObjective(cfg.diffusion))
+        source = build_sample_source(cfg.data, cfg.seed, self.vocab, tokenizer,
+                                     self.dims.dp_rank, self.dims.dp)
+        self.batches = batch_stream(source, cfg.data, cfg.diffusion, self.vocab, cfg.seed,
+                                    self.dims.dp_rank)
+        sinks = build_sinks(cfg.logging, self.output_dir) if self.dims.is_main else []
+        self.metrics = MetricsLogger(sinks)
+        self.meter = ThroughputMeter()
 
-        vocab_size = self.vocab.padded_size(cfg.parallel.tensor_parallel)
-        self.engine: TrainEngine = build_engine(cfg, vocab_size)
-        self.batches = batch_stream(cfg, self.vocab, tokenizer, self.dp_rank, self.dims.dp)
-        self.metrics = MetricsLogger(self.output_dir, tensorboard=cfg.logging.tensorboard)
-        scored = 0.5 * 0.6  # ~half the targets masked; targets ~60% of tokens in the demo mix
-        self.meter = ThroughputMeter(flops_per_token(cfg.model, vocab_size,
-                                                     cfg.data.seq_length, scored))
+    def _micro_batches(self, step: int) -> list[NoisedBatch]:
+        return noised_micro_batches(self.batches, self.cfg.diffusion, self.vocab, self.cfg.seed,
+                                    step, self.accumulation, self.dims.dp_rank)
+
+    def _measure(self, micro_batches: list[NoisedBatch]) -> None:
+        """Tokens and model FLOPs of this rank's micro-batches, scaled to the whole DP group."""
+        lengths = [n for b in micro_batches for n in sample_lengths(b.segment_ids)]
+        masked = sum(b.num_masked for b in micro_batches)
+        flops = training_flops(self.cfg.model, self.vocab_size, lengths, masked)
+        tokens = sum(b.input_ids.numel() for b in micro_batches)
+        self.meter.add(tokens * self.dims.dp, flops * self.dims.dp)
 
     # --- checkpoints -------------------------------------------------------------------------
     def _save(self, step: int) -> Path:
@@ -119,7 +93,7 @@ class Trainer:
     # --- the loop ----------------------------------------------------------------------------
     def run(self) -> TrainSummary:
         cfg = self.cfg
-        if self.is_main:
+        if self.dims.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             (self.output_dir / "config.yaml").write_text(dump_config(cfg))
         start = self._resume()
@@ -127,12 +101,11 @@ class Trainer:
         began = time.perf_counter()
         bar = tqdm(range(start, cfg.schedule.train_steps), initial=start,
                    total=cfg.schedule.train_steps, desc="train", unit="step",
-                   disable=not (cfg.logging.progress_bar and self.is_main))
+                   disable=not (cfg.logging.progress_bar and self.dims.is_main))
         for step in bar:
-            micro_batches = noised_micro_batches(cfg, self.vocab, self.batches, step,
-                                                 self.accumulation, self.dp_rank)
+            micro_batches = self._micro_batches(step)
             result = self.engine.train_step(micro_batches)
-            self.meter.add(sum(b.input_ids.numel() for b in micro_batches) * self.dims.dp)
+            self._measure(micro_batches)
             summary.losses.append(result.loss)
             summary.skipped_steps += int(result.skipped)
             bar.set_postfix(loss=f"{result.loss:.3f}", lr=f"{result.lr:.2e}")

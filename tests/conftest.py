@@ -1,9 +1,17 @@
-"""Shared test set-up: GPU tests skip cleanly on machines without one."""
+"""Shared test set-up: GPU tests skip cleanly without a GPU; ``tests/`` is importable (the
+``harness`` package); fixtures every file uses."""
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
+
+TESTS = Path(__file__).resolve().parent
+if str(TESTS) not in sys.path:
+    sys.path.insert(0, str(TESTS))  # spawned workers inherit sys.path, so they import it too
 
 
 def pytest_collection_modifyitems(config, items):
@@ -13,3 +21,13 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="module")
+def single_process():
+    """A world of one with megatron's groups (TP = PP = 1); yields its ``ParallelDims``."""
+    from omnidiff.parallel import topology
+
+    dims = topology.initialize(tp=1)
+    yield dims
+    topology.destroy()

@@ -19,11 +19,11 @@ import numpy as np
 import pytest
 import torch
 
-from omnidiff.data.dali import reference
-from omnidiff.data.dali.pipelines import DecodeStage, image_pipeline
-from omnidiff.data.media_reader import MediaReader, MediaReaderConfig, MediaReaderError
-from omnidiff.data.shards import IMAGE_PLACEHOLDER, ShardError
-from omnidiff.data.synthetic_media import encode_image, smooth_image, write_synthetic_shards
+from omnidiff.data.media import dali_reference as reference
+from omnidiff.data.media.dali import DecodeStage, image_pipeline
+from omnidiff.data.media.reader import MediaReader, MediaReaderConfig, MediaReaderError
+from omnidiff.data.media.shards import IMAGE_PLACEHOLDER, ShardError
+from omnidiff.data.media.synthetic import encode_image, smooth_image, write_synthetic_shards
 
 SIZE, GENERATED_SIZE, RATE = 64, 48, 16_000
 IMAGE_SIZES = ((96, 64), (64, 96), (131, 200), (333, 250), (50, 37), (257, 511))
@@ -132,7 +132,7 @@ def test_five_percent_corruption_is_skipped_counted_and_logged(tmp_path, caplog)
                                     corrupt=corrupt, image_sizes=((40, 32),), audio_seconds=0.1)
     reader = _reader(shards, batch_size=16, image_size=16, generated_image_size=16,
                      shuffle=True, shuffle_buffer=64)
-    with caplog.at_level(logging.WARNING, logger="omnidiff.data.media_reader"):
+    with caplog.at_level(logging.WARNING, logger="omnidiff.data.media.reader"):
         good = {s.key for s in _epoch(reader)}
     bad = {f"sample{i:07d}" for i in corrupt}
     assert reader.samples_read == 160 and len(good) == 152 and not good & bad

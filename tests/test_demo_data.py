@@ -18,10 +18,10 @@ from PIL import Image
 from omnidiff.data.demo.build import STAGE_RATIOS, build_demo_dataset
 from omnidiff.data.demo.speech import LIBRARY_DIR, SpeechError, WordLibrarySynthesizer, words_of
 from omnidiff.data.demo.tasks import speech_vocabulary
-from omnidiff.data.mixture import load_mixture_config
-from omnidiff.data.sequences import SequenceBuilder
-from omnidiff.data.text_tokenizer import ByteTokenizer
-from omnidiff.data.vocab import UnifiedVocab
+from omnidiff.data.streams.mixture import load_mixture_config
+from omnidiff.data.tokens.sequences import SequenceBuilder
+from omnidiff.data.tokens.text import ByteTokenizer
+from omnidiff.data.tokens.vocab import UnifiedVocab
 from omnidiff.platform.cli import CommandError
 from omnidiff.platform.commands import demo_data
 

@@ -3,9 +3,10 @@
 import pytest
 import torch
 
-from omnidiff.data.packing import TokenSample, collate_rows
+from omnidiff.data.tokens.packing import TokenSample, collate_rows
 from omnidiff.platform.config import DiffusionConfig
-from omnidiff.platform.diffusion import TailPadder, noise_batch, scored_positions
+from omnidiff.data.tokens.noising import TailPadder, noise_batch
+from omnidiff.platform.objective import scored_positions
 
 EOS, MASK = 0, 1
 

@@ -30,14 +30,16 @@ from megatron.core.transformer.transformer_layer import TransformerLayer
 
 from omnidiff.kernels.attention import PackedSDPAttention
 from omnidiff.kernels.rmsnorm import RMSNorm, reference_rms_norm
-from omnidiff.parallel import precision, topology
+from omnidiff.parallel import gpu_stack, specs, topology
+from omnidiff.parallel.optim import adamw
+from omnidiff.parallel.resharding import to_portable_names, to_transformer_engine_names
 from omnidiff.parallel.launcher import spawn
 from omnidiff.parallel.recompute import RecomputedSelfAttention, RecomputedTransformerLayer
-from omnidiff.parallel.specs import block_spec, transformer_engine_layer_spec
+from omnidiff.parallel.specs import portable_spec, transformer_engine_layer_spec, transformer_engine_spec
 from omnidiff.platform.cli import main as cli_main
 from omnidiff.platform.config import ConfigError, load_config
-from omnidiff.platform.model import build_model, transformer_config
-from omnidiff.platform.optim import build_optimizer
+from omnidiff.parallel.model import build_model, transformer_config
+from omnidiff.parallel.optim import build_optimizer
 
 RECIPES = ("delayed", "tensorwise", "blockwise", "mxfp8")
 TE_MISSING = importlib.util.find_spec("transformer_engine") is None
@@ -57,7 +59,7 @@ def test_missing_gpu_stack_is_one_clear_error(monkeypatch, overrides, request_te
     with pytest.raises(ConfigError) as err:  # MissingGPUStackError: the CLI's "error:" line
         transformer_config(cfg.model, cfg.parallel)
     message = str(err.value)
-    assert isinstance(err.value, precision.MissingGPUStackError)
+    assert isinstance(err.value, gpu_stack.MissingGPUStackError)
     assert "\n" not in message
     assert message.startswith(f"{request_text} needs a CUDA GPU")
     assert ("transformer-engine package (not installed" in message) == TE_MISSING
@@ -67,29 +69,29 @@ def test_error_names_only_what_is_missing(monkeypatch):
     cfg = load_config(None, ["parallel.transformer_engine=true", "parallel.fp8=e4m3",
                              "parallel.fp8_recipe=mxfp8"])
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(precision, "transformer_engine_problem", lambda: "not installed")
-    with pytest.raises(precision.MissingGPUStackError,
+    monkeypatch.setattr(gpu_stack, "transformer_engine_problem", lambda: "not installed")
+    with pytest.raises(gpu_stack.MissingGPUStackError,
                        match=r"^parallel.fp8=e4m3 \(fp8_recipe mxfp8\) needs the "
                              r"transformer-engine package \(not installed\)$"):
-        precision.require_gpu_stack(cfg.parallel)
+        gpu_stack.require_gpu_stack(cfg.parallel)
 
     reason = "Device compute capability 10.0 or higher required for MXFP8 execution."
-    monkeypatch.setattr(precision, "transformer_engine_problem", lambda: None)
-    monkeypatch.setattr(precision, "fp8_recipe_support", lambda recipe: (False, reason))
-    with pytest.raises(precision.MissingGPUStackError) as err:
-        precision.require_gpu_stack(cfg.parallel)
+    monkeypatch.setattr(gpu_stack, "transformer_engine_problem", lambda: None)
+    monkeypatch.setattr(gpu_stack, "fp8_recipe_support", lambda recipe: (False, reason))
+    with pytest.raises(gpu_stack.MissingGPUStackError) as err:
+        gpu_stack.require_gpu_stack(cfg.parallel)
     assert str(err.value) == ("parallel.fp8=e4m3 (fp8_recipe mxfp8) needs FP8 support for it "
                               f"({reason})")
 
-    monkeypatch.setattr(precision, "fp8_recipe_support", lambda recipe: (True, ""))
-    precision.require_gpu_stack(cfg.parallel)  # everything present: no error
+    monkeypatch.setattr(gpu_stack, "fp8_recipe_support", lambda recipe: (True, ""))
+    gpu_stack.require_gpu_stack(cfg.parallel)  # everything present: no error
 
 
 def test_block_spec_refuses_transformer_engine_without_it(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(precision.MissingGPUStackError,
+    with pytest.raises(gpu_stack.MissingGPUStackError,
                        match="^the Transformer Engine spec needs a CUDA GPU"):
-        block_spec(2, use_transformer_engine=True)
+        transformer_engine_spec()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only error path")
@@ -108,14 +110,14 @@ def test_cli_prints_one_error_line(tmp_path, capsys):
 # --- CPU: what gets selected ------------------------------------------------------------------
 
 def test_portable_spec_selection():
-    spec = block_spec(3, use_transformer_engine=False)
+    spec = portable_spec().block(3)
     layer = spec.layer_specs[0].submodules
     assert len(spec.layer_specs) == 3
     assert spec.layer_specs[0].module is RecomputedTransformerLayer
     assert layer.self_attention.module is RecomputedSelfAttention
     assert layer.self_attention.submodules.core_attention is PackedSDPAttention
     assert layer.self_attention.params["attn_mask_type"] == AttnMaskType.no_mask
-    norm = precision.ApexRMSNorm if precision.apex_extension_available(
+    norm = specs.ApexRMSNorm if gpu_stack.apex_extension_available(
         "fused_layer_norm_cuda") else RMSNorm
     assert layer.input_layernorm is norm and layer.pre_mlp_layernorm is norm
     assert spec.layer_norm is norm
@@ -140,7 +142,7 @@ def test_transformer_engine_spec_selection():
 
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_fp8_config_reaches_megatron(monkeypatch, recipe):
-    monkeypatch.setattr("omnidiff.platform.model.require_gpu_stack", lambda parallel: None)
+    monkeypatch.setattr("omnidiff.parallel.model.require_gpu_stack", lambda parallel: None)
     cfg = load_config(None, ["parallel.transformer_engine=true", "parallel.precision=bf16",
                              "parallel.fp8=hybrid", f"parallel.fp8_recipe={recipe}",
                              "parallel.fp8_amax_history_len=16", "parallel.recompute=full"])
@@ -167,14 +169,14 @@ def test_parameter_names_between_specs():
                 "decoder.layers.0.mlp.linear_fc1.weight": 4,
                 "decoder.final_layernorm.weight": 5}
     local_extra = {"decoder.layers.0.self_attention.linear_qkv._extra_state": None}
-    te = precision.to_transformer_engine_names({**portable, **local_extra})
+    te = to_transformer_engine_names({**portable, **local_extra})
     assert te == {"decoder.layers.0.self_attention.linear_qkv.layer_norm_weight": 1,
                   "decoder.layers.0.self_attention.linear_qkv.weight": 2,
                   "decoder.layers.0.mlp.linear_fc1.layer_norm_weight": 3,
                   "decoder.layers.0.mlp.linear_fc1.weight": 4,
                   "decoder.final_layernorm.weight": 5}
     fp8_meta = {"decoder.layers.0.self_attention.core_attention._extra_state": b"fp8"}
-    assert precision.to_portable_names({**te, **fp8_meta}) == portable
+    assert to_portable_names({**te, **fp8_meta}) == portable
 
 
 def _amax_group_worker(layouts):
@@ -212,14 +214,12 @@ VOCAB, SEQ = 512, 128
 
 
 @pytest.fixture(scope="module")
-def gpu_process():
-    topology.initialize(tp=1)
-    yield
-    topology.destroy()
+def gpu_process(single_process):
+    yield single_process
 
 
 def _requires_transformer_engine():
-    problem = precision.transformer_engine_problem()
+    problem = gpu_stack.transformer_engine_problem()
     if problem:
         pytest.skip(f"transformer-engine: {problem}")
 
@@ -252,7 +252,7 @@ def _forward_backward(model, batch):
     (hidden.float() * probe.float()).sum().backward()
     grads = {name: p.grad.float() for name, p in model.named_parameters()
              if p.grad is not None}  # the LM head is not part of this objective
-    return hidden.detach().float(), precision.to_portable_names(grads)
+    return hidden.detach().float(), to_portable_names(grads)
 
 
 def _relative_error(value, reference):
@@ -273,7 +273,7 @@ def test_te_spec_matches_portable_spec(gpu_process, precision_name, hidden_tol, 
     _requires_transformer_engine()
     portable = _gpu_model(precision_name, transformer_engine=False)
     te = _gpu_model(precision_name, transformer_engine=True)
-    loaded = te.load_state_dict(precision.to_transformer_engine_names(portable.state_dict()),
+    loaded = te.load_state_dict(to_transformer_engine_names(portable.state_dict()),
                                 strict=False)
     assert not loaded.unexpected_keys
     assert all(key.endswith("._extra_state") for key in loaded.missing_keys)
@@ -291,7 +291,7 @@ def test_te_spec_matches_portable_spec(gpu_process, precision_name, hidden_tol, 
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_fp8_recipe_close_to_bf16(gpu_process, recipe):
     _requires_transformer_engine()
-    supported, reason = precision.fp8_recipe_support(recipe)
+    supported, reason = gpu_stack.fp8_recipe_support(recipe)
     if not supported:
         pytest.skip(f"fp8_recipe {recipe}: {reason}")
     bf16 = _gpu_model("bf16", transformer_engine=True)
@@ -327,7 +327,7 @@ def test_te_recompute_gives_the_same_gradients(gpu_process, mode):
 def test_cuda_optimizer_is_fused():
     cfg = load_config(None, [])
     optimizer = build_optimizer(torch.nn.Linear(8, 8).cuda(), cfg.optimizer)
-    if precision.apex_extension_available("amp_C"):
+    if gpu_stack.apex_extension_available("amp_C"):
         from apex.optimizers import FusedAdam
 
         assert isinstance(optimizer, FusedAdam)
@@ -337,7 +337,7 @@ def test_cuda_optimizer_is_fused():
 
 @pytest.mark.gpu
 def test_apex_fused_adam_matches_torch_adamw():
-    if not precision.apex_extension_available("amp_C"):
+    if not gpu_stack.apex_extension_available("amp_C"):
         pytest.skip("apex with its CUDA extensions (amp_C) is not installed")
     torch.manual_seed(0)
     fused_model = torch.nn.Linear(64, 32).cuda()
@@ -346,7 +346,7 @@ def test_apex_fused_adam_matches_torch_adamw():
     kwargs = {"lr": 1e-2, "betas": (0.9, 0.95), "eps": 1e-8}
     groups = lambda m: [{"params": [m.weight], "weight_decay": 0.1},  # noqa: E731
                         {"params": [m.bias], "weight_decay": 0.0}]
-    fused = precision.adamw(groups(fused_model), **kwargs)
+    fused = adamw(groups(fused_model), **kwargs)
     reference = torch.optim.AdamW(groups(torch_model), **kwargs)
     for step in range(5):
         x = torch.randn(16, 64, generator=torch.Generator().manual_seed(step)).cuda()
@@ -361,11 +361,11 @@ def test_apex_fused_adam_matches_torch_adamw():
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 def test_apex_rms_norm_matches_reference(dtype, tol):
-    if not precision.apex_extension_available("fused_layer_norm_cuda"):
+    if not gpu_stack.apex_extension_available("fused_layer_norm_cuda"):
         pytest.skip("apex with its CUDA extensions (fused_layer_norm_cuda) is not installed")
     cfg = load_config(None, [])
     config = transformer_config(cfg.model, cfg.parallel)
-    norm = precision.ApexRMSNorm(config, 128, eps=1e-6).cuda().to(dtype)
+    norm = specs.ApexRMSNorm(config, 128, eps=1e-6).cuda().to(dtype)
     with torch.no_grad():
         norm.weight.copy_(torch.linspace(0.5, 1.5, 128))
     x = torch.randn(8, 3, 128, device="cuda", dtype=dtype, requires_grad=True)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModel
 
-from omnidiff.data.packing import TokenSample, collate_rows
+from omnidiff.data.tokens.packing import TokenSample, collate_rows
 from omnidiff.platform.config import ModelConfig
 from omnidiff.platform.hf_convert import hf_config_from, hf_to_megatron, megatron_to_hf
 from omnidiff.platform.hf_model import OmniDiffusionConfig, OmniDiffusionForMaskedDiffusion

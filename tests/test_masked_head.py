@@ -57,7 +57,7 @@ def _assert_all_close(got, want, **tol):
 
 
 @pytest.fixture(params=["plain", "megatron-tp1"])
-def single_process(request, monkeypatch):
+def loss_backend(request, monkeypatch):
     """Without megatron set up (torch CE), and a world of one (megatron's vocab-parallel CE)."""
     if request.param == "megatron-tp1":
         for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
@@ -71,7 +71,7 @@ def single_process(request, monkeypatch):
 
 @pytest.mark.parametrize("vocab_block", [7, 50, 2048])  # 50 rows: blocks 7 (ragged), 1, 1
 @pytest.mark.parametrize("chunk_size", [1, 4, 7, 64])
-def test_fast_matches_reference_tp1(single_process, chunk_size, vocab_block):
+def test_fast_matches_reference_tp1(loss_backend, chunk_size, vocab_block):
     problem = _problem(seed=chunk_size)
     want = _loss_and_grads(reference_lm_loss, *problem, grad_scale=0.37)
     got = _loss_and_grads(_fast, *problem, grad_scale=0.37, chunk_size=chunk_size,

@@ -7,14 +7,7 @@ from omnidiff.kernels.attention import PackedSDPAttention, block_diagonal_mask, 
 from omnidiff.kernels.rmsnorm import RMSNorm, reference_rms_norm
 from omnidiff.parallel import topology
 from omnidiff.platform.config import load_config
-from omnidiff.platform.model import build_model, count_parameters, transformer_config
-
-
-@pytest.fixture(scope="module")
-def single_process():
-    topology.initialize(tp=1)
-    yield
-    topology.destroy()
+from omnidiff.parallel.model import build_model, count_parameters, transformer_config
 
 
 def test_dream_7b_on_meta_device(single_process):

@@ -10,12 +10,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from omnidiff.data.packing import TokenSample, collate_rows
+from omnidiff.data.tokens.packing import TokenSample, collate_rows
 from omnidiff.parallel import topology
 from omnidiff.platform.config import ModelConfig, ParallelConfig
 from omnidiff.platform.hf_convert import hf_config_from, hf_to_megatron, megatron_to_hf
 from omnidiff.platform.hf_model import OmniDiffusionForMaskedDiffusion
-from omnidiff.platform.model import build_model
+from omnidiff.parallel.model import build_model
 
 VOCAB = 104  # a multiple of 8, as the padded embedding
 PAD = 0
@@ -24,10 +24,8 @@ MODEL = ModelConfig(preset="custom", hidden_size=64, num_layers=2, num_attention
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _single_process_megatron():
-    topology.initialize(tp=1)
+def _single_process_megatron(single_process):
     yield
-    topology.destroy()
 
 
 def _perturb(model: torch.nn.Module, seed: int) -> None:

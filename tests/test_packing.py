@@ -2,12 +2,12 @@
 
 import torch
 
-from omnidiff.data.batches import PackedBatchStream, SyntheticSource
-from omnidiff.data.packing import SequencePacker, TokenSample, collate_rows
-from omnidiff.data.synthetic import SyntheticMultimodal
-from omnidiff.data.text_tokenizer import ByteTokenizer
-from omnidiff.data.vocab import UnifiedVocab
-from omnidiff.platform.diffusion import TailPadder
+from omnidiff.data.streams.batches import PackedBatchStream
+from omnidiff.data.streams.synthetic import SyntheticMultimodal, SyntheticSource
+from omnidiff.data.tokens.packing import SequencePacker, TokenSample, collate_rows
+from omnidiff.data.tokens.text import ByteTokenizer
+from omnidiff.data.tokens.vocab import UnifiedVocab
+from omnidiff.data.tokens.noising import TailPadder
 
 
 def _sample(n, value):

@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 from omnidiff.parallel import topology
 from omnidiff.parallel.launcher import spawn
-from omnidiff.parallel.parity import (
+from harness.parity import (
     global_batches,
     local_share,
     max_relative_difference,
@@ -24,7 +24,8 @@ from omnidiff.parallel.parity import (
     with_nan_loss,
 )
 from omnidiff.parallel.resharding import gather_full_state_dict, layout_of
-from omnidiff.platform.engine import LocalEngine, NonFiniteError
+from omnidiff.parallel.engines.base import NonFiniteError
+from omnidiff.parallel.engines.local import LocalEngine
 
 RTOL = 1e-5
 TP2_SP = ("parallel.tensor_parallel=2", "parallel.sequence_parallel=true")
@@ -34,14 +35,12 @@ def _relative(got: list[float], want: list[float]) -> float:
     return max(abs(g - w) / abs(w) for g, w in zip(got, want, strict=True))
 
 
-def _check_nonfinite_steps(engine, micro_batches) -> None:
+def _check_nonfinite_steps(engine, micro_batches, dims) -> None:
     """NaN loss on the last DP rank only: every rank skips the step (no weight, Adam or lr
     change) and counts it; a good step resets the streak; ``limit`` in a row stop the run."""
     engine.guard.limit = 3
-    dp_rank = engine.mpu.get_data_parallel_rank() if hasattr(engine, "mpu") else 0
-    last = (engine.mpu.get_data_parallel_world_size() if hasattr(engine, "mpu") else 1) - 1
-    good = local_share(micro_batches)
-    bad = [with_nan_loss(b) for b in good] if dp_rank == last else good
+    good = local_share(micro_batches, dims)
+    bad = [with_nan_loss(b) for b in good] if dims.dp_rank == dims.dp - 1 else good
     before, lr_step = gather_full_state_dict(engine.model), engine.scheduler.last_epoch
     for count in (1, 2):
         result = engine.train_step(bad)
@@ -58,15 +57,15 @@ def _check_nonfinite_steps(engine, micro_batches) -> None:
 
 
 def _worker(out: str, tp: int, layouts: dict[str, tuple[str, ...]], nan_check: str) -> None:
-    topology.initialize(tp=tp)
+    dims = topology.initialize(tp=tp)
     try:
         results = {}
         for name, overrides in layouts.items():
             cfg = parity_config(*overrides)
             batches = global_batches(cfg)
-            results[name], engine = run_parity(cfg, batches, vocab_rows(cfg, 2))
+            results[name], engine = run_parity(cfg, dims, batches, vocab_rows(cfg, 2))
             if name == nan_check:
-                _check_nonfinite_steps(engine, batches[0])
+                _check_nonfinite_steps(engine, batches[0], dims)
         if dist.get_rank() == 0:
             torch.save(results, out)
     finally:
@@ -83,10 +82,10 @@ def _spawn_layouts(tmp_path_factory, nprocs: int, tp: int, layouts: dict, nan_ch
 def reference():
     """TP=1 x DP=1 in this process, plus the share of the gradient norm held by replicated
     (not TP-sharded) weights: what double counting them under TP=2 would change."""
-    topology.initialize(tp=1)
+    dims = topology.initialize(tp=1)
     try:
         cfg = parity_config()
-        result, engine = run_parity(cfg, global_batches(cfg), vocab_rows(cfg, 2))
+        result, engine = run_parity(cfg, dims, global_batches(cfg), vocab_rows(cfg, 2))
         assert isinstance(engine, LocalEngine)
         grads = {n: p.grad.double() for n, p in engine.model.named_parameters()}
     finally:
@@ -144,11 +143,11 @@ def test_tp2_x_dp2_matches_tp1_x_dp1(tmp_path_factory, reference):
 
 
 def test_local_engine_skips_and_stops_on_nonfinite_loss():
-    topology.initialize(tp=1)
+    dims = topology.initialize(tp=1)
     try:
         cfg = parity_config()
         batches = global_batches(cfg)
-        _, engine = run_parity(cfg, batches[:1], vocab_rows(cfg, 2))
-        _check_nonfinite_steps(engine, batches[1])
+        _, engine = run_parity(cfg, dims, batches[:1], vocab_rows(cfg, 2))
+        _check_nonfinite_steps(engine, batches[1], dims)
     finally:
         topology.destroy()

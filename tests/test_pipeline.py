@@ -6,14 +6,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from omnidiff.data.packing import PackedBatch
+from omnidiff.data.tokens.packing import PackedBatch
 from omnidiff.parallel import topology
 from omnidiff.parallel.launcher import spawn
-from omnidiff.parallel.pipeline_stages import OrderedBuilder
-from omnidiff.platform.config import load_config
-from omnidiff.platform.diffusion import NoisedBatch, noise_batch
-from omnidiff.platform.engine import LocalEngine
-from omnidiff.platform.model import build_model
+from omnidiff.parallel.engines import build_engine
+from omnidiff.parallel.engines.local import LocalEngine
+from omnidiff.parallel.engines.pipeline import OrderedBuilder
+from omnidiff.platform.config import ConfigError, load_config
+from omnidiff.data.tokens.noising import NoisedBatch, noise_batch
+from omnidiff.parallel.model import build_model
+from omnidiff.platform.objective import DiffusionObjective
 
 VOCAB = 384
 MASK_ID = VOCAB - 1
@@ -72,13 +74,10 @@ def _snapshot(state: dict) -> dict:
 def _pipeline_worker(out_dir: str, tp: int) -> None:
     """5 steps; with TP = 1 then a fresh engine resumed from the step-3 state redoes steps 4-5,
     then a step with NaN loss weights, which must be skipped. TP = 2 runs sequence-parallel."""
-    from omnidiff.parallel.pipeline import PipelineEngine
-
-    topology.initialize(tp=tp, pp=2)
+    dims = topology.initialize(tp=tp, pp=2)
     try:
         cfg = _config(pp=2, tp=tp)
-        topology.seed(cfg.seed)  # as the trainer does (megatron's RNG tracker, used under SP)
-        engine = PipelineEngine(cfg, VOCAB)
+        engine = build_engine(cfg, dims, VOCAB, DiffusionObjective(cfg.diffusion))
         results = []
         for step in range(STEPS):
             if step == RESUME_AT:
@@ -86,7 +85,7 @@ def _pipeline_worker(out_dir: str, tp: int) -> None:
             results.append(engine.train_step(_micro_batches(cfg, step)))
         out = {"results": results, "model": _snapshot(engine.state_dict())["model"]}
         if tp == 1:
-            resumed = PipelineEngine(cfg, VOCAB)
+            resumed = build_engine(cfg, dims, VOCAB, DiffusionObjective(cfg.diffusion))
             resumed.load_state_dict(saved)
             out["resumed"] = [resumed.train_step(_micro_batches(cfg, step))
                               for step in range(RESUME_AT, STEPS)]
@@ -105,7 +104,8 @@ def _reference():
     try:
         cfg = _config(pp=1)
         torch.manual_seed(cfg.seed)
-        engine = LocalEngine(build_model(cfg.model, cfg.parallel, VOCAB), cfg)
+        engine = LocalEngine(build_model(cfg.model, cfg.parallel, VOCAB), cfg,
+                             DiffusionObjective(cfg.diffusion), MICRO_BATCHES)
         results = [engine.train_step(_micro_batches(cfg, step)) for step in range(STEPS)]
         return results, engine.model.state_dict()
     finally:
@@ -204,11 +204,10 @@ def test_ordered_builder_replays_the_construction_order():
 
 
 def test_pipeline_engine_needs_the_pipeline_topology():
-    from omnidiff.parallel.pipeline import PipelineEngine, PipelineSetupError
-
-    topology.initialize(tp=1)
+    dims = topology.initialize(tp=1)
     try:
-        with pytest.raises(PipelineSetupError, match="pipeline_parallel=2"):
-            PipelineEngine(_config(pp=2), VOCAB)
+        cfg = _config(pp=2)
+        with pytest.raises(ConfigError, match="pipeline_parallel=2"):
+            build_engine(cfg, dims, VOCAB, DiffusionObjective(cfg.diffusion))
     finally:
         topology.destroy()

@@ -11,16 +11,9 @@ from omnidiff.parallel import topology
 from omnidiff.parallel.launcher import spawn
 from omnidiff.parallel.recompute import recompute_settings
 from omnidiff.platform.config import load_config
-from omnidiff.platform.model import build_model, transformer_config
+from omnidiff.parallel.model import build_model, transformer_config
 
 VOCAB, LAYERS = 300, 2
-
-
-@pytest.fixture(scope="module")
-def single_process():
-    topology.initialize(tp=1)
-    yield
-    topology.destroy()
 
 
 def _batch(seq=48):

@@ -15,16 +15,9 @@ from omnidiff.parallel.resharding import (
     split_state_dict,
     unshard,
 )
-from omnidiff.parallel.topology import ParallelDims, rank_groups
+from omnidiff.parallel.dims import ParallelDims, rank_groups
 from omnidiff.platform.config import load_config
-from omnidiff.platform.model import build_model
-
-
-@pytest.fixture(scope="module")
-def single_process():
-    topology.initialize(tp=1)
-    yield
-    topology.destroy()
+from omnidiff.parallel.model import build_model
 
 
 def test_rank_groups_put_tp_fastest_then_dp_then_pp():
@@ -36,7 +29,7 @@ def test_rank_groups_put_tp_fastest_then_dp_then_pp():
 
 
 def test_mpu_adapter_answers_deepspeed(single_process):
-    mpu = MegatronMPU()
+    mpu = MegatronMPU(single_process)
     assert mpu.get_model_parallel_rank() == 0 and mpu.get_model_parallel_world_size() == 1
     assert mpu.get_data_parallel_group_ranks() == [0]
     assert mpu.get_tensor_model_parallel_world_size() == 1

@@ -19,9 +19,10 @@ import pytest
 import torch
 
 from omnidiff.monitoring.metrics import read_metrics
-from omnidiff.platform.checkpoint import META, STALL_ENV, checkpoint_root, complete_checkpoints
+from omnidiff.platform.checkpoint import META, checkpoint_root, complete_checkpoints
 
 REPO = Path(__file__).resolve().parents[1]
+FAULTS = Path(__file__).resolve().parent / "harness" / "faults"
 RUN = ("model.num_layers=2", "data.seq_length=64", "data.image_codebook_size=64",
        "data.speech_codebook_size=64", "data.micro_batch_size=1", "data.global_batch_size=4",
        "schedule.train_steps=6", "checkpoint.save_interval=2", "logging.log_interval=1",
@@ -58,7 +59,10 @@ def test_sigkill_during_a_save_resumes_from_the_previous_checkpoint_exactly(tmp_
 
     partial = checkpoint_root(killed) / ".tmp_step_00000004"
     with (tmp_path / "killed.log").open("w") as log:
-        proc = subprocess.Popen(_command(killed), cwd=REPO, env={**os.environ, STALL_ENV: "4"},
+        env = {**os.environ, "OMNIDIFF_FAULT_STALL_SAVE": "4",
+               "PYTHONPATH": os.pathsep.join(filter(None, [str(FAULTS),
+                                                           os.environ.get("PYTHONPATH")]))}
+        proc = subprocess.Popen(_command(killed), cwd=REPO, env=env,
                                 stdout=log, stderr=log, start_new_session=True)
         deadline = time.monotonic() + 300
         while not (partial / "rank00000.pt").exists():  # rank 0 wrote, rank 1 hangs

@@ -15,10 +15,10 @@ from collections import Counter
 import pytest
 import torch
 
-from omnidiff.data.mixture_sampler import MixtureError, MixtureSampler
-from omnidiff.data.sequences import SampleError, SequenceBuilder
-from omnidiff.data.text_tokenizer import ByteTokenizer
-from omnidiff.data.vocab import UnifiedVocab
+from omnidiff.data.streams.mixture_sampler import MixtureError, MixtureSampler
+from omnidiff.data.tokens.sequences import SampleError, SequenceBuilder
+from omnidiff.data.tokens.text import ByteTokenizer
+from omnidiff.data.tokens.vocab import UnifiedVocab
 
 IM_START, IM_END = 257, 258
 BOI, EOI, BOA, EOA = 260, 261, 277, 278

@@ -12,19 +12,19 @@ import pytest
 import torch
 import yaml
 
-from omnidiff.data.fit_tokenizers import fit_demo_tokenizers
-from omnidiff.data.media_reader import MediaReaderConfig
-from omnidiff.data.media_tokenize import MediaTokenizerError, Rejected, SampleTokenizer, load_tokenizers
-from omnidiff.data.pretokenize import tokenize_shards
-from omnidiff.data.sequences import SequenceBuilder
-from omnidiff.data.shard_source import ShardStream, reader_config
-from omnidiff.data.shards import ShardError
-from omnidiff.data.sources import build_sample_source
-from omnidiff.data.synthetic_media import write_synthetic_shards
-from omnidiff.data.token_shards import TokenShardSource
+from omnidiff.data.tokenizers.fit import fit_demo_tokenizers
+from omnidiff.data.media.reader import MediaReaderConfig
+from omnidiff.data.streams.media_tokenize import MediaTokenizerError, Rejected, SampleTokenizer, load_tokenizers
+from omnidiff.data.streams.pretokenize import tokenize_shards
+from omnidiff.data.tokens.sequences import SequenceBuilder
+from omnidiff.data.streams.shard_stream import ShardStream, reader_config
+from omnidiff.data.media.shards import ShardError
+from omnidiff.data.streams.sources import build_sample_source
+from omnidiff.data.media.synthetic import write_synthetic_shards
+from omnidiff.data.streams.token_shards import TokenShardSource
 from omnidiff.platform.cli import main
 from omnidiff.platform.config import ConfigError, build_config
-from omnidiff.platform.trainer import build_vocab
+from omnidiff.data.tokens.text import build_vocab
 
 NUM_SAMPLES = 160
 CORRUPT = {5: "truncated_image", 41: "truncated_image", 12: "garbage_audio", 73: "garbage_audio",
@@ -72,7 +72,7 @@ def _write_config(raw: dict, tmp_path) -> str:
 
 
 def _tokenizer(cfg) -> SampleTokenizer:
-    vocab, text = build_vocab(cfg)
+    vocab, text = build_vocab(cfg.data)
     image, speech = load_tokenizers(cfg.data.image_tokenizer, cfg.data.speech_tokenizer, vocab)
     return SampleTokenizer(SequenceBuilder(vocab, text), image, speech, cfg.data.seq_length)
 
@@ -129,7 +129,7 @@ def test_tokenize_command_writes_token_shards_equal_to_the_live_path(dataset, tm
     assert "bad_image 2" in printed and "bad_json 2" in printed
 
     cfg = build_config(raw)
-    vocab, _ = build_vocab(cfg)
+    vocab, _ = build_vocab(cfg.data)
     stored = TokenShardSource(str(out / "data-*.npz"), vocab, seed=0)
     assert stored.total == 152
     live = ShardStream(reader_config(cfg.data, dataset["shards"], seed=0, shuffle=False),
@@ -149,7 +149,7 @@ def test_tokenize_command_writes_token_shards_equal_to_the_live_path(dataset, tm
 def test_token_shards_split_by_rank_resume_and_check_the_vocabulary(dataset, tmp_path):
     raw = _raw(dataset, tmp_path)
     cfg = build_config(raw)
-    vocab, text = build_vocab(cfg)
+    vocab, text = build_vocab(cfg.data)
     tokenize_shards(cfg.data, tmp_path / "tok", vocab, text, shard_size=40, progress=False)
     spec = str(tmp_path / "tok" / "data-*.npz")
     ranks = [TokenShardSource(spec, vocab, seed=1, dp_rank=r, dp=2) for r in range(2)]
@@ -166,7 +166,7 @@ def test_token_shards_split_by_rank_resume_and_check_the_vocabulary(dataset, tmp
     restored.load_state_dict(state)
     assert all(torch.equal(a, next(restored).tokens) for a in expected)
 
-    other = build_vocab(build_config({**raw, "data": {**raw["data"], "image_codebook_size": 128}}))[0]
+    other = build_vocab(build_config({**raw, "data": {**raw["data"], "image_codebook_size": 128}}).data)[0]
     with pytest.raises(ShardError, match="another vocabulary.*image_codebook_size"):
         TokenShardSource(spec, other)
     (tmp_path / "tok" / "data-000001.npz").write_bytes(b"not a zip")
@@ -177,14 +177,14 @@ def test_token_shards_split_by_rank_resume_and_check_the_vocabulary(dataset, tmp
 def test_mixture_source_resumes_exactly(dataset, tmp_path):
     cfg = build_config(_raw(dataset, tmp_path, paths=[], mixture=dataset["mixture"],
                             stage="stage1"))
-    vocab, text = build_vocab(cfg)
-    source = build_sample_source(cfg, vocab, text)
+    vocab, text = build_vocab(cfg.data)
+    source = build_sample_source(cfg.data, cfg.seed, vocab, text)
     for _ in range(25):
         next(source)
     state = source.state_dict()
     expected = [next(source).tokens for _ in range(30)]
     assert source.metrics()["samples_read"] >= 55
-    restored = build_sample_source(cfg, vocab, text)
+    restored = build_sample_source(cfg.data, cfg.seed, vocab, text)
     restored.load_state_dict(state)
     assert all(torch.equal(a, next(restored).tokens) for a in expected)
 
@@ -197,7 +197,7 @@ def test_bad_data_configs_are_one_line_errors(dataset, tmp_path, capsys):
         build_config({**raw, "data": {**raw["data"], "mixture": dataset["mixture"]}})
     small = build_config({**raw, "data": {**raw["data"], "image_codebook_size": 32}})
     with pytest.raises(MediaTokenizerError, match="64 codes does not fit the vocabulary's 32"):
-        build_sample_source(small, *build_vocab(small))
+        build_sample_source(small.data, small.seed, *build_vocab(small.data))
     missing = {**raw, "data": {**raw["data"], "paths": [str(tmp_path / "nope-*.tar")]}}
     assert main(["train", _write_config(missing, tmp_path)]) == 2
     err = capsys.readouterr().err.strip()

@@ -8,11 +8,11 @@ import tarfile
 import numpy as np
 import pytest
 
-from omnidiff.data.mixture import MixtureConfigError, load_mixture_config
-from omnidiff.data.shard_validation import (
+from omnidiff.data.streams.mixture import MixtureConfigError, load_mixture_config
+from omnidiff.data.media.validation import (
     SampleLimits, SampleRejected, screen_sample, validate_shard)
-from omnidiff.data.shards import SampleRecord, ShardError, ShardWriter, list_shards
-from omnidiff.data.synthetic_media import (
+from omnidiff.data.media.shards import SampleRecord, ShardError, ShardWriter, list_shards
+from omnidiff.data.media.synthetic import (
     encode_audio, encode_image, smooth_image, tones, write_synthetic_shards)
 
 RNG = np.random.default_rng(0)

@@ -8,7 +8,7 @@ import pytest
 
 from omnidiff.monitoring.metrics import read_metrics
 from omnidiff.platform.config import ScheduleConfig
-from omnidiff.platform.optim import lr_multiplier
+from omnidiff.parallel.optim import lr_multiplier
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from omnidiff.data.text_tokenizer import ByteTokenizer
-from omnidiff.data.vocab import UnifiedVocab
+from omnidiff.data.tokens.text import ByteTokenizer
+from omnidiff.data.tokens.vocab import UnifiedVocab
 
 # REFERENCE §2, typed by hand.
 ENDOFTEXT, IM_START, IM_END, MASK = 151643, 151644, 151645, 151666

@@ -1,7 +1,7 @@
 """Build the demo dataset: WebDataset shards per task and the curriculum's ``mixture.yaml``.
 
 Samples are made in worker processes (each sample is seeded by ``(seed, task, index)``) and
-written in a fixed order in the shard format of :mod:`omnidiff.data.shards` (with DALI indexes),
+written in a fixed order in the shard format of :mod:`omnidiff.data.media.shards` (with DALI indexes),
 so a seed always gives the same samples (for a given speech backend, which is recorded in
 ``mixture.yaml``).
 """
@@ -20,8 +20,8 @@ from tqdm import tqdm
 
 from omnidiff.data.demo.speech import Backend, Synthesizer, make_synthesizer
 from omnidiff.data.demo.tasks import DemoSample, make_sample
-from omnidiff.data.sequences import TASKS
-from omnidiff.data.shards import ShardWriter
+from omnidiff.data.tokens.sequences import TASKS
+from omnidiff.data.media.shards import ShardWriter
 
 # Share of each task in the dataset (sums to 1).
 TASK_SHARES = {"captioning": 0.16, "vqa": 0.14, "text_to_image": 0.18, "asr": 0.12, "tts": 0.12,
@@ -112,7 +112,7 @@ def build_demo_dataset(out_dir: str | Path, samples: int = 3000, seed: int = 0,
 
 def _write_mixture(out_dir: Path, counts: dict[str, int], shards: dict[str, list[str]], seed: int,
                    speech_backend: str, image_size: int) -> Path:
-    """``mixture.yaml`` in the schema of :mod:`omnidiff.data.mixture`; facts go in the header."""
+    """``mixture.yaml`` in the schema of :mod:`omnidiff.data.streams.mixture`; facts go in the header."""
     header = [
         "# Demo dataset mixtures: a ratio per source for each curriculum stage (REFERENCE §4).",
         f"# Built with seed {seed}; speech by {speech_backend} (16 kHz mono FLAC); "

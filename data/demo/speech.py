@@ -20,12 +20,14 @@ import numpy as np
 import soundfile as sf
 from scipy.signal import resample_poly
 
+from omnidiff import UserError
+
 SAMPLE_RATE = 16_000
 LIBRARY_DIR = Path(__file__).parent / "speech"
 Backend = Literal["auto", "espeak", "library"]
 
 
-class SpeechError(RuntimeError):
+class SpeechError(UserError, RuntimeError):
     """Speech cannot be made: no backend, or a word missing from the word library."""
 
 

@@ -1,6 +1,6 @@
 """One demo sample per ``(task, index)``: messages (REFERENCE §2 prompts) plus encoded media.
 
-A sample is what :class:`omnidiff.data.shards.ShardWriter` writes: the task, its messages with
+A sample is what :class:`omnidiff.data.media.shards.ShardWriter` writes: the task, its messages with
 ``<image>`` / ``<speech>`` placeholders, and the media filling them in order: PNG (scenes) or
 JPEG (photos) images and 16 kHz mono FLAC speech.
 Every sample draws from its own generator seeded by ``(seed, task, index)``, so samples can be
@@ -17,10 +17,10 @@ from typing import TypeVar
 import numpy as np
 from PIL import Image
 
-from omnidiff.data import sequences as seq
+from omnidiff.data.tokens import sequences as seq
 from omnidiff.data.demo import chat, photos, scenes
 from omnidiff.data.demo.speech import Synthesizer, encode_flac
-from omnidiff.data.sequences import TASKS
+from omnidiff.data.tokens.sequences import TASKS
 
 PHOTO_FRACTION = 0.3  # image tasks: the rest are rendered scenes
 T = TypeVar("T")
@@ -145,7 +145,7 @@ MAKERS: dict[str, Callable[[_Draft], list[dict]]] = {
 
 @dataclass
 class DemoSample:
-    """One sample in the arguments of :meth:`omnidiff.data.shards.ShardWriter.write`."""
+    """One sample in the arguments of :meth:`omnidiff.data.media.shards.ShardWriter.write`."""
 
     key: str
     task: str

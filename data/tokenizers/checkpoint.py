@@ -18,12 +18,14 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from omnidiff import UserError
+
 TORCH_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 _WRAPPER_KEYS = ("state_dict", "model", "module")
 _SHOWN = 8
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(UserError, ValueError):
     """A checkpoint's keys or shapes do not match the module it is loaded into."""
 
 

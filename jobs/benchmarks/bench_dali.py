@@ -4,8 +4,8 @@ Both produce the same output from the same generated shards: images ``[3, S, S]`
 [-1, 1] (bicubic short-side resize, centre crop) and audio as a 16 kHz waveform plus an 80-bin
 log-mel. The baseline is the usual torchvision-style loader (torchvision itself cannot be
 installed here): ``webdataset.WebDataset`` shards split over ``DataLoader`` workers, each
-decoding with PIL / soundfile / SciPy (:mod:`omnidiff.data.dali.reference`); DALI runs the
-pipelines of :class:`omnidiff.data.media_reader.MediaReader` on the CPU with as many threads as
+decoding with PIL / soundfile / SciPy (:mod:`omnidiff.data.media.dali_reference`); DALI runs the
+pipelines of :class:`omnidiff.data.media.reader.MediaReader` on the CPU with as many threads as
 the baseline has workers. Each is timed from construction to its last sample (start-up included).
 Image and audio workloads are measured separately, each on its own shards. The audio baseline
 resamples with ``scipy.signal.resample_poly`` (exact polyphase; slow for 44.1 -> 16 kHz, ratio
@@ -28,10 +28,10 @@ import torch
 import webdataset
 from torch.utils.data import DataLoader, IterableDataset
 
-from omnidiff.data.dali import reference
-from omnidiff.data.media_reader import MediaReader, MediaReaderConfig
-from omnidiff.data.shards import ShardWriter
-from omnidiff.data.synthetic_media import encode_audio, encode_image, smooth_image, tones
+from omnidiff.data.media import dali_reference as reference
+from omnidiff.data.media.reader import MediaReader, MediaReaderConfig
+from omnidiff.data.media.shards import ShardWriter
+from omnidiff.data.media.synthetic import encode_audio, encode_image, smooth_image, tones
 
 
 def write_shards(out: Path, kind: str, count: int, shards: int, args) -> list[Path]:

@@ -26,9 +26,8 @@ def register(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from omnidiff.data.demo.build import build_demo_dataset
-    from omnidiff.data.demo.speech import SpeechError
-    from omnidiff.data.sequences import TASKS
-    from omnidiff.platform.cli import CommandError
+    from omnidiff.data.tokens.sequences import TASKS
+    from omnidiff.platform.commands import CommandError
 
     out_dir = Path(args.out_dir)
     if out_dir.exists() and not out_dir.is_dir():
@@ -46,12 +45,9 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError(f"--samples must be at least {len(TASKS)} (one per task)")
     if args.image_size < 16 or args.shard_size < 1:
         raise CommandError("--image-size must be >= 16 and --shard-size >= 1")
-    try:
-        summary = build_demo_dataset(out_dir, args.samples, args.seed, args.speech,
-                                     args.image_size, args.shard_size, args.workers,
-                                     progress=not args.quiet)
-    except SpeechError as err:
-        raise CommandError(str(err)) from None
+    summary = build_demo_dataset(out_dir, args.samples, args.seed, args.speech,
+                                 args.image_size, args.shard_size, args.workers,
+                                 progress=not args.quiet)
     counts = ", ".join(f"{task} {n}" for task, n in summary.counts.items())
     shards = sum(len(names) for names in summary.shards.values())
     print(f"wrote {sum(summary.counts.values())} samples ({counts}) in {shards} shards, "

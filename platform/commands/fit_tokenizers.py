@@ -25,15 +25,14 @@ def register(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from omnidiff.data.fit_tokenizers import fit_demo_tokenizers
-    from omnidiff.data.media_reader import MediaReaderConfig
-    from omnidiff.data.mixture import load_mixture_config
-    from omnidiff.platform.cli import CommandError, data_errors
+    from omnidiff.data.tokenizers.fit import fit_demo_tokenizers
+    from omnidiff.data.media.reader import MediaReaderConfig
+    from omnidiff.data.streams.mixture import load_mixture_config
+    from omnidiff.platform.commands import CommandError
 
     groups = [list(args.data)]  # one reader per mixture source, so each gets its share
     if len(args.data) == 1 and args.data[0].endswith((".yaml", ".yml")):
-        with data_errors():
-            mixture = load_mixture_config(args.data[0])
+        mixture = load_mixture_config(args.data[0])
         groups = [mixture.shard_specs(name) for name in mixture.sources]
     for size in (args.image_size, args.generated_image_size):
         if size % args.patch_size:
@@ -42,10 +41,9 @@ def run(args: argparse.Namespace) -> int:
     configs = [MediaReaderConfig(shards=shards, image_size=args.image_size,
                                  generated_image_size=args.generated_image_size, seed=args.seed)
                for shards in groups]
-    with data_errors():
-        fitted = fit_demo_tokenizers(configs, args.out, args.samples, args.image_codes,
-                                     args.speech_codes, args.patch_size, args.seed,
-                                     progress=not args.quiet)
+    fitted = fit_demo_tokenizers(configs, args.out, args.samples, args.image_codes,
+                                 args.speech_codes, args.patch_size, args.seed,
+                                 progress=not args.quiet)
     print(f"fitted on {fitted.images} images and {fitted.clips} speech clips; use with:")
     for line in fitted.config_lines():
         print(f"  {line}")

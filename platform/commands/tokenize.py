@@ -19,19 +19,18 @@ def register(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from omnidiff.data.pretokenize import tokenize_shards
-    from omnidiff.platform.cli import CommandError, data_errors
+    from omnidiff.data.streams.pretokenize import tokenize_shards
+    from omnidiff.platform.commands import CommandError
     from omnidiff.platform.config import load_config
-    from omnidiff.platform.trainer import build_vocab
+    from omnidiff.data.tokens.text import build_vocab
 
     cfg = load_config(args.config, args.overrides)
     if cfg.data.source != "shards":
         raise CommandError(f"data.source is {cfg.data.source}; tokenize reads media shards "
                            "(data.source=shards)")
-    vocab, text = build_vocab(cfg)
-    with data_errors():
-        reports, mixture = tokenize_shards(cfg.data, args.out_dir, vocab, text, args.shard_size,
-                                           progress=not args.quiet)
+    vocab, text = build_vocab(cfg.data)
+    reports, mixture = tokenize_shards(cfg.data, args.out_dir, vocab, text, args.shard_size,
+                                       progress=not args.quiet)
     for name, report in reports.items():
         skipped = ", ".join(f"{k} {v}" for k, v in report.skipped.items()) or "none"
         print(f"{name}: read {report.samples_read}, wrote {report.written} samples in "

@@ -8,16 +8,17 @@ command and joins the given rendezvous.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 from torch.multiprocessing import ProcessExitedException
 
+from omnidiff import RunStopped, UserError
 from omnidiff.parallel.launcher import launched_externally, spawn
 from omnidiff.platform.config import RunConfig, build_config, load_config
 
 NAME = "train"
-EXIT_NONFINITE = 3  # too many non-finite steps in a row (the last checkpoint is intact)
 HELP = "train a model from a YAML config plus section.key=value overrides"
 
 
@@ -31,24 +32,26 @@ def register(parser: argparse.ArgumentParser) -> None:
 
 
 def train_worker(raw_config: dict) -> None:
-    """Entry point of one training process (importable, for spawn)."""
+    """Entry point of one training process (importable, for spawn).
+
+    A user error (bad data, a diverged run) ends this process with the error's exit code after
+    rank 0 printed its one line; every rank meets the same error, so all of them stop.
+    """
     from omnidiff.parallel import topology
-    from omnidiff.platform.cli import data_errors
-    from omnidiff.platform.engine import NonFiniteError
     from omnidiff.platform.trainer import Trainer
 
+    main_rank = os.environ.get("RANK", "0") == "0"
     try:
-        with data_errors():
-            trainer = Trainer(build_config(raw_config))
-            summary = trainer.run()
-        if trainer.is_main and summary.losses:
+        trainer = Trainer(build_config(raw_config))
+        summary = trainer.run()
+        if main_rank and summary.losses:
             print(f"trained {summary.steps} steps in {summary.seconds:.1f} s: loss "
                   f"{summary.losses[0]:.4f} -> {summary.losses[-1]:.4f}; "
                   f"checkpoint {summary.checkpoint}")
-    except NonFiniteError as err:  # every rank sees the same skips, so all stop here
-        if trainer.is_main:
+    except UserError as err:
+        if main_rank:
             print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(EXIT_NONFINITE) from None
+        raise SystemExit(err.exit_code) from None
     finally:
         topology.destroy()
 
@@ -60,18 +63,17 @@ def run(args: argparse.Namespace) -> int:
     if args.resume is not None:
         overrides.append(f"checkpoint.resume={args.resume}")
     cfg: RunConfig = load_config(config_path, overrides)
-    from omnidiff.parallel.engines import check_supported
-
-    check_supported(cfg)  # here, so a refused combination is one line, not a worker traceback
     raw = cfg.model_dump(mode="json")
     nproc = cfg.parallel.nproc_per_node
-    if nproc > 1 and not launched_externally():
-        try:
+    try:
+        if nproc > 1 and not launched_externally():
             spawn(train_worker, nproc, raw)
-        except ProcessExitedException as err:
-            if err.exit_code != EXIT_NONFINITE:
-                raise
-            return EXIT_NONFINITE  # the message was printed by rank 0
-    else:
-        train_worker(raw)
+        else:
+            train_worker(raw)
+    except ProcessExitedException as err:
+        if err.exit_code not in (UserError.exit_code, RunStopped.exit_code):
+            raise
+        return err.exit_code  # the message was printed by rank 0
+    except SystemExit as err:
+        return int(err.code or 0)
     return 0

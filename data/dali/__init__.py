@@ -1,1 +1,0 @@
-"""DALI media pipelines (reader, image and audio decode) and their plain references."""

@@ -1,0 +1,1 @@
+"""Endless, resumable sample streams: sources, mixtures, token shards, synthetic data, batches."""

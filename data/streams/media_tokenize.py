@@ -1,0 +1,100 @@
+"""Decoded media samples -> token samples: media tokenizers, then the ChatML sequence builder.
+
+The step between the DALI reader and packing. Images of a batch are encoded together (one
+tokenizer call per image size: input images and generated images differ), speech clips in one
+call; the codes fill the sample's placeholders in order (:class:`SequenceBuilder`). A sample that
+cannot become a sequence (placeholders and media disagree, codes outside the vocabulary block) or
+that is longer than a packed row is rejected with a reason, never raised.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+
+from omnidiff import UserError
+from omnidiff.data.media.reader import MediaBatch, MediaSample
+from omnidiff.data.tokens.packing import TokenSample
+from omnidiff.data.tokens.sequences import SampleError, SequenceBuilder
+from omnidiff.data.tokenizers.base import ImageTokenizer, SpeechTokenizer, load_media_tokenizer
+from omnidiff.data.tokens.vocab import UnifiedVocab
+
+
+class MediaTokenizerError(UserError, ValueError):
+    """Configured media tokenizers that cannot serve this vocabulary."""
+
+
+@dataclass
+class Rejected:
+    """Why one sample produced no token sequence (``reason`` is a reader skip reason)."""
+
+    reason: str
+    detail: str
+
+
+def load_tokenizers(image_ref, speech_ref, vocab: UnifiedVocab
+                    ) -> tuple[ImageTokenizer, SpeechTokenizer]:
+    """Load both media tokenizers ({kind, path} refs) and check they fit the vocabulary blocks."""
+    try:
+        image = load_media_tokenizer(image_ref.kind, image_ref.path)
+        speech = load_media_tokenizer(speech_ref.kind, speech_ref.path)
+    except (ValueError, FileNotFoundError) as err:
+        raise MediaTokenizerError(f"data.image_tokenizer / data.speech_tokenizer: {err}") from None
+    for name, tokenizer, modality, block in (
+            ("image_tokenizer", image, "image", vocab.image_codebook_size),
+            ("speech_tokenizer", speech, "speech", vocab.speech_codebook_size)):
+        if tokenizer.modality != modality:
+            raise MediaTokenizerError(f"data.{name}: kind {tokenizer.modality} tokenizer, expected {modality}")
+        if tokenizer.codebook_size > block:
+            raise MediaTokenizerError(f"data.{name}: codebook of {tokenizer.codebook_size} codes does not fit "
+                             f"the vocabulary's {block} {modality} ids (data.{modality}_codebook_size)")
+    return image, speech
+
+
+class SampleTokenizer:
+    """``MediaBatch -> [TokenSample | Rejected]`` in sample order."""
+
+    def __init__(self, builder: SequenceBuilder, image: ImageTokenizer, speech: SpeechTokenizer,
+                 max_length: int) -> None:
+        self.builder, self.image, self.speech = builder, image, speech
+        self.max_length = max_length
+
+    @torch.no_grad()
+    def __call__(self, batch: MediaBatch) -> list[TokenSample | Rejected]:
+        image_codes = self._encode_images([img for s in batch.samples for img in s.images])
+        speech_codes = self._encode_speech([wav for s in batch.samples for wav in s.audios])
+        out: list[TokenSample | Rejected] = []
+        for sample in batch.samples:
+            images = [image_codes.pop(0) for _ in sample.images]
+            speech = [speech_codes.pop(0) for _ in sample.audios]
+            out.append(self._sequence(sample, images, speech))
+        return out
+
+    def _sequence(self, sample: MediaSample, images: list[torch.Tensor],
+                  speech: list[torch.Tensor]) -> TokenSample | Rejected:
+        try:
+            tokens = self.builder.build_from_messages(
+                [m.model_dump() for m in sample.record.messages], images, speech,
+                task=sample.record.task)
+        except SampleError as err:
+            return Rejected("bad_sequence", str(err))
+        if len(tokens) > self.max_length:
+            return Rejected("too_long", f"{len(tokens)} tokens > seq_length {self.max_length}")
+        return tokens
+
+    def _encode_images(self, images: list[torch.Tensor]) -> list[torch.Tensor]:
+        """One row-major 1-D code tensor per image, encoding same-sized images together."""
+        by_size: dict[tuple[int, ...], list[int]] = defaultdict(list)
+        for index, image in enumerate(images):
+            by_size[tuple(image.shape)].append(index)
+        codes: list[torch.Tensor | None] = [None] * len(images)
+        for indices in by_size.values():
+            batch = torch.stack([images[i] for i in indices]).cpu()
+            for i, grid in zip(indices, self.image.encode(batch)):
+                codes[i] = grid.reshape(-1)
+        return codes
+
+    def _encode_speech(self, clips: list[torch.Tensor]) -> list[torch.Tensor]:
+        return self.speech.encode([clip.cpu() for clip in clips]) if clips else []

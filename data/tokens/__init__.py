@@ -1,0 +1,1 @@
+"""Token space: the unified vocabulary, text tokenizers, task sequences, packing and noising."""

@@ -1,0 +1,121 @@
+"""Diffusion noising (REFERENCE §3): which target tokens a training step masks, and their weights.
+
+Two masking modes, selected by ``diffusion.masking``:
+
+* ``per_token`` (released code): a threshold redrawn per token, ``thr = (1 - eps) u + eps``;
+  a target token is masked when ``r <= thr`` (marginal rate ~0.5).
+* ``per_sequence`` (paper, Eq. 1): one ``t ~ U(eps, 1]`` per packed sample; each target token is
+  masked with probability ``t``; optional LLaDA ``1/t`` loss weight.
+
+Attenuated tail-pad masking: samples whose targets hold no ``<|endoftext|>`` get ``k ~ U{1..16}``
+of them appended as targets (:class:`TailPadder`), and those pads are masked with probability
+``gamma x thr``. Prompts are never masked nor scored. All randomness comes from an explicit
+``torch.Generator``, so a seed fixes the masks. The loss on the masked positions is the
+platform's (``omnidiff.platform.objective``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+from omnidiff.data.config import DiffusionConfig
+from omnidiff.data.tokens.packing import PackedBatch, TokenSample
+
+
+class TailPadder:
+    """Append ``k ~ U{1..max_pads}`` end-of-text targets to samples that lack one."""
+
+    def __init__(self, eos_id: int, max_pads: int = 16, seed: int = 0) -> None:
+        self.eos_id = eos_id
+        self.max_pads = max_pads
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __call__(self, sample: TokenSample) -> TokenSample:
+        targets = sample.tokens[sample.target_mask]
+        if targets.numel() == 0 or bool((targets == self.eos_id).any()):
+            return sample
+        k = int(torch.randint(1, self.max_pads + 1, (1,), generator=self.generator))
+        pads = torch.full((k,), self.eos_id, dtype=sample.tokens.dtype)
+        ones = torch.ones(k, dtype=torch.bool)
+        return replace(
+            sample,
+            tokens=torch.cat([sample.tokens, pads]),
+            target_mask=torch.cat([sample.target_mask, ones]),
+            tail_pad_mask=torch.cat([sample.tail_pad_mask, ones]),
+        )
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+
+
+@dataclass
+class NoisedBatch:
+    """A packed batch after noising: what the model reads and where the loss looks."""
+
+    input_ids: torch.Tensor  # [b, s] with masked targets replaced by the mask id
+    labels: torch.Tensor  # [b, s] the clean tokens
+    loss_mask: torch.Tensor  # [b, s] bool: masked target positions (the only scored ones)
+    loss_weights: torch.Tensor  # [b, s] float: weight x normalisation; the loss is their dot
+    position_ids: torch.Tensor
+    segment_ids: torch.Tensor
+    mask_level: torch.Tensor  # [b, s] the threshold/t each token was masked with
+
+    @property
+    def num_masked(self) -> int:
+        return int(self.loss_mask.sum())
+
+
+def _mask_levels(batch: PackedBatch, cfg: DiffusionConfig,
+                 generator: torch.Generator) -> torch.Tensor:
+    """Per-token masking probability before attenuation, in ``[eps, 1]``."""
+    shape = batch.input_ids.shape
+    if cfg.masking == "per_token":
+        u = torch.rand(shape, generator=generator)
+        return (1 - cfg.eps) * u + cfg.eps
+    # per_sequence: one t per packed sample (segment), t ~ U(eps, 1]
+    num_segments = int(batch.segment_ids.max()) + 1
+    u = torch.rand((shape[0], num_segments), generator=generator)
+    t = cfg.eps + (1 - cfg.eps) * (1 - u)
+    return torch.gather(t, 1, batch.segment_ids)
+
+
+def _normalisation(loss_mask: torch.Tensor, batch: PackedBatch, mode: str) -> torch.Tensor:
+    """Per-token divisor turning a weighted sum into the configured mean."""
+    if mode == "token":
+        return loss_mask.sum().clamp(min=1).to(torch.float32).expand(loss_mask.shape)
+    # "sample": mean over samples of (sum over the sample's masked tokens / its target count)
+    targets = batch.target_mask.long()
+    counts = torch.zeros(batch.segment_ids.shape[0], int(batch.segment_ids.max()) + 1,
+                         dtype=torch.long).scatter_add_(1, batch.segment_ids, targets)
+    per_token = torch.gather(counts, 1, batch.segment_ids).clamp(min=1)
+    num_samples = int((counts[:, 1:] > 0).sum())
+    return (per_token * max(num_samples, 1)).to(torch.float32)
+
+
+def noise_batch(batch: PackedBatch, cfg: DiffusionConfig, mask_id: int,
+                generator: torch.Generator) -> NoisedBatch:
+    """Mask target tokens per the configured mode; prompts and padding are never touched."""
+    level = _mask_levels(batch, cfg, generator)
+    attenuation = torch.where(batch.tail_pad_mask, cfg.tail_pad_gamma, 1.0)
+    draw = torch.rand(batch.input_ids.shape, generator=generator)
+    loss_mask = batch.target_mask & (draw <= level * attenuation)
+    weights = torch.ones_like(level)
+    if cfg.importance_weighting:
+        weights = 1.0 / level
+    weights = torch.where(loss_mask, weights / _normalisation(loss_mask, batch,
+                                                               cfg.loss_normalization), 0.0)
+    return NoisedBatch(
+        input_ids=torch.where(loss_mask, torch.full_like(batch.input_ids, mask_id),
+                              batch.input_ids),
+        labels=batch.input_ids,
+        loss_mask=loss_mask,
+        loss_weights=weights,
+        position_ids=batch.position_ids,
+        segment_ids=batch.segment_ids,
+        mask_level=level,
+    )

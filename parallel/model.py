@@ -1,0 +1,161 @@
+"""The bidirectional diffusion transformer, assembled from megatron-core parts.
+
+embedding (``VocabParallelEmbedding``) -> ``TransformerBlock`` built from a layer spec
+(portable or Transformer Engine, see :mod:`omnidiff.parallel.specs`) -> final RMSNorm ->
+column-parallel output layer. The forward returns the final hidden states; the loss only ever
+evaluates the output layer at masked positions (:mod:`omnidiff.kernels.masked_head`), and
+:meth:`OmniDiffusionTransformer.logits` gives full logits for sampling and checks.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core import tensor_parallel
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_block import TransformerBlock
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from omnidiff.kernels.attention import block_diagonal_mask
+from omnidiff.kernels.rope import rotary_angles
+from omnidiff.parallel.config import ModelConfig, ParallelConfig
+from omnidiff.parallel.gpu_stack import require_gpu_stack
+from omnidiff.parallel.recompute import OmniTransformerConfig, recompute_settings
+from omnidiff.parallel.specs import StackSpec, layer_spec_for
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def transformer_config(model: ModelConfig, parallel: ParallelConfig,
+                       perform_initialization: bool = True) -> TransformerConfig:
+    """Translate the run config into megatron-core's ``TransformerConfig`` (one place only).
+
+    Raises :class:`~omnidiff.parallel.gpu_stack.MissingGPUStackError` when the config asks for
+    Transformer Engine or FP8 and this machine cannot run them.
+    """
+    require_gpu_stack(parallel)
+    dtype = DTYPES[parallel.precision]
+    te = {}
+    if parallel.transformer_engine:
+        # TE caches FP8 weight casts while ``is_first_microbatch`` is False; only megatron's
+        # schedules reset that flag per step, so our engines recast weights on every call.
+        te = {"disable_parameter_transpose_cache": True}
+    if parallel.fp8:
+        te |= {"fp8": parallel.fp8, "fp8_recipe": parallel.fp8_recipe,
+               "fp8_amax_history_len": parallel.fp8_amax_history_len,
+               "fp8_amax_compute_algo": "max"}
+    return OmniTransformerConfig(
+        num_layers=model.num_layers,
+        hidden_size=model.hidden_size,
+        num_attention_heads=model.num_attention_heads,
+        num_query_groups=model.num_query_groups,
+        ffn_hidden_size=model.ffn_hidden_size,
+        kv_channels=model.head_dim,
+        normalization="RMSNorm",
+        layernorm_epsilon=model.norm_eps,
+        add_bias_linear=False,
+        add_qkv_bias=model.qkv_bias,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=model.init_std,
+        tensor_model_parallel_size=parallel.tensor_parallel,
+        pipeline_model_parallel_size=parallel.pipeline_parallel,
+        sequence_parallel=parallel.sequence_parallel,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=parallel.precision == "bf16",
+        fp16=parallel.precision == "fp16",
+        # Initialise the full weight and slice it, so TP shards are slices of the TP=1 model.
+        use_cpu_initialization=True,
+        perform_initialization=perform_initialization,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
+        # megatron's recompute needs CUDA RNG state: only the (GPU-only) TE spec uses it.
+        **recompute_settings(parallel.recompute, megatron_native=parallel.transformer_engine),
+        **te,
+    )
+
+
+class OmniDiffusionTransformer(MegatronModule):
+    """Token ids of packed rows -> final hidden states ``[s, b, h]`` (full sequence).
+
+    One class for every pipeline stage, as megatron-core's ``GPTModel``: ``pre_process`` adds
+    the embedding (the stage then reads token ids, else the previous stage's hidden states),
+    ``post_process`` the final norm and the output layer; ``num_layers`` is this stage's share.
+    Construction order (embedding, layers, final norm, output layer) is the same for the whole
+    model and for its stages built one after another, so both draw the same initial weights.
+    """
+
+    def __init__(self, config: TransformerConfig, vocab_size: int, rope_theta: float,
+                 spec: StackSpec, pre_process: bool = True, post_process: bool = True,
+                 num_layers: int | None = None) -> None:
+        super().__init__(config=config)
+        self.vocab_size = vocab_size
+        self.rope_theta = rope_theta
+        self.pre_process, self.post_process = pre_process, post_process
+        if pre_process:
+            self.embedding = tensor_parallel.VocabParallelEmbedding(
+                num_embeddings=vocab_size, embedding_dim=config.hidden_size,
+                init_method=config.init_method, config=config,
+                reduce_scatter_embeddings=config.sequence_parallel,
+            )
+        # pre_process=True: the block takes hidden states as an argument (never megatron's
+        # set_input_tensor); post_process places the final norm.
+        self.decoder = TransformerBlock(
+            config=config, spec=spec.block(num_layers or config.num_layers),
+            pre_process=True, post_process=post_process, post_layer_norm=post_process,
+        )
+        if post_process:
+            self.output_layer = tensor_parallel.ColumnParallelLinear(
+                config.hidden_size, vocab_size, config=config, init_method=config.init_method,
+                bias=False, gather_output=False,
+            )
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """``[b, s]`` ids -> ``[s, b, h]`` (this rank's sequence slice under SP)."""
+        hidden = self.embedding(input_ids)
+        if not self.config.sequence_parallel:  # SP's reduce-scatter already transposed
+            hidden = hidden.transpose(0, 1).contiguous()
+        return hidden
+
+    def forward(self, inputs: torch.Tensor, position_ids: torch.Tensor,
+                segment_ids: torch.Tensor) -> torch.Tensor:
+        """``inputs``: token ids ``[b, s]`` on the first stage, else hidden states ``[s, b, h]``.
+
+        Returns hidden states; the last stage's are the final ones, whole-sequence under SP.
+        """
+        hidden = self.embed(inputs) if self.pre_process else inputs
+        hidden = self.decoder(
+            hidden,
+            attention_mask=block_diagonal_mask(segment_ids),
+            rotary_pos_emb=rotary_angles(position_ids, self.config.kv_channels,
+                                         self.rope_theta),
+        )
+        if self.post_process and self.config.sequence_parallel:
+            # Backward only splits: the LM head all-reduces its input gradient over TP.
+            hidden = tensor_parallel.gather_from_sequence_parallel_region(
+                hidden, tensor_parallel_output_grad=False
+            )
+        return hidden
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Full logits of this rank's vocabulary shard, ``[s, b, V / tp]``."""
+        return self.output_layer(hidden)[0]
+
+
+def build_model(model: ModelConfig, parallel: ParallelConfig, vocab_size: int,
+                perform_initialization: bool = True) -> OmniDiffusionTransformer:
+    """The whole model on the current default device (``torch.device('meta')`` to only count),
+    with the layer spec ``parallel`` asks for."""
+    config = transformer_config(model, parallel, perform_initialization)
+    return OmniDiffusionTransformer(config, vocab_size, model.rope_theta,
+                                    layer_spec_for(parallel))
+
+
+def count_parameters(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
