@@ -83,9 +83,14 @@ class SpeechTokenizer(MediaTokenizer):
     def encode(self, batch: Sequence[torch.Tensor] | torch.Tensor) -> list[torch.Tensor]:
         """16 kHz mono waveforms -> one 1-D int64 code tensor per waveform."""
 
+    @property
+    def decoded_sample_rate(self) -> int:
+        """Sample rate of :meth:`decode`'s waveforms (the input rate unless a vocoder differs)."""
+        return self.sample_rate
+
     @abstractmethod
     def decode(self, codes: Sequence[torch.Tensor] | torch.Tensor) -> list[torch.Tensor]:
-        """Code sequences -> 16 kHz waveforms (one 1-D float tensor each)."""
+        """Code sequences -> waveforms at :attr:`decoded_sample_rate` (1-D float tensors)."""
 
 
 def check_images(batch: torch.Tensor, multiple: int) -> torch.Tensor:

@@ -13,8 +13,16 @@ Code count: audio is padded to a multiple of 1280 samples (10 ms hop x 2 x 4), s
 give exactly ``ceil(n / 1280)`` codes, i.e. ``ceil(12.5 * seconds)``; audio longer than 30 s is
 cut into 30 s segments (375 codes each), as the release does.
 
-Decoding (codes -> speech) needs GLM-4-Voice's flow-matching decoder and HiFT vocoder, which are
-not implemented here: :meth:`Glm4VoiceTokenizer.decode` raises ``NotImplementedError``.
+Decoding (codes -> speech) uses GLM-4-Voice's flow-matching decoder and HiFT vocoder
+(:mod:`omnidiff.data.tokenizers.glm4_voice_decoder`) and returns audio at **22,050 Hz**
+(:attr:`Glm4VoiceTokenizer.decoded_sample_rate`), not the 16 kHz of the input: ``n`` codes give
+``256 * floor(441 n / 64)`` samples. Directory layout::
+
+    <tokenizer>/config.json, model.safetensors, preprocessor_config.json   (glm-4-voice-tokenizer)
+    <tokenizer>/decoder/config.yaml, flow.pt, hift.pt                      (glm-4-voice-decoder, optional)
+
+(the sub-folder may also keep the release's name, ``glm-4-voice-decoder/``). Without it,
+:meth:`Glm4VoiceTokenizer.decode` raises ``NotImplementedError``.
 """
 
 from __future__ import annotations
@@ -33,12 +41,15 @@ from transformers.models.whisper.modeling_whisper import WhisperEncoderLayer
 
 from omnidiff.data.tokenizers.base import SpeechTokenizer, as_waveform_list, register_media_tokenizer
 from omnidiff.data.tokenizers.checkpoint import load_by_key, read_state_dict
+from omnidiff.data.tokenizers.glm4_voice_decoder import CONFIG_NAME as DECODER_CONFIG_NAME
+from omnidiff.data.tokenizers.glm4_voice_decoder import Glm4VoiceDecoder
 from omnidiff.data.tokenizers.kmeans import nearest_centroid
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 HOP_LENGTH = 160  # Whisper feature hop (10 ms at 16 kHz)
 CONV_STRIDE = 2  # conv1 stride 1 x conv2 stride 2
+DECODER_DIRS = ("decoder", "glm-4-voice-decoder")  # sub-folder holding the released decoder files
 
 
 @dataclass(frozen=True)
@@ -158,13 +169,23 @@ class WhisperVQEncoder(nn.Module):
 
 
 class Glm4VoiceTokenizer(SpeechTokenizer):
-    """GLM-4-Voice speech tokenizer: 16 kHz waveforms -> codes at 12.5 Hz (encode only)."""
+    """GLM-4-Voice speech tokenizer: 16 kHz waveforms -> codes at 12.5 Hz; codes -> 22.05 kHz audio
+    when a decoder is attached."""
 
-    def __init__(self, encoder: WhisperVQEncoder, features: WhisperFeatureExtractor) -> None:
+    def __init__(self, encoder: WhisperVQEncoder, features: WhisperFeatureExtractor,
+                 decoder: Glm4VoiceDecoder | None = None) -> None:
         if features.feature_size != encoder.config.num_mel_bins or features.hop_length != HOP_LENGTH:
             raise ValueError("GLM-4-Voice feature extractor does not match the encoder (mel bins / hop length)")
+        if decoder is not None and decoder.codebook_size != encoder.config.quantize_vocab_size:
+            raise ValueError("GLM-4-Voice decoder vocabulary does not match the tokenizer's codebook")
         self.encoder = encoder.eval().requires_grad_(False)
         self.features = features
+        self.decoder = decoder
+
+    @property
+    def decoded_sample_rate(self) -> int:
+        """Sample rate of :meth:`decode`'s output (22,050 Hz, the HiFT vocoder's)."""
+        return self.decoder.sample_rate if self.decoder is not None else 22_050
 
     @property
     def codebook_size(self) -> int:
@@ -194,15 +215,24 @@ class Glm4VoiceTokenizer(SpeechTokenizer):
             out[owner].append(row[keep])
         return [torch.cat(parts) for parts in out]
 
-    def decode(self, codes) -> list[torch.Tensor]:
-        raise NotImplementedError(
-            "GLM-4-Voice decoding needs its flow-matching decoder (codes -> mel) and HiFT vocoder "
-            "(mel -> 22.05 kHz audio), which this platform does not implement"
-        )
+    def decode(self, codes, steps: int | None = None) -> list[torch.Tensor]:
+        """Code sequences (list of 1-D tensors or ``[b, n]``) -> 22,050 Hz waveforms, one per sequence.
+
+        ``steps`` overrides the flow-matching Euler steps (default: the decoder's, 10 as released).
+        """
+        if self.decoder is None:
+            raise NotImplementedError(
+                "GLM-4-Voice decoding needs its flow-matching decoder (codes -> mel) and HiFT vocoder "
+                "(mel -> 22.05 kHz audio): put the released glm-4-voice-decoder files (config.yaml, flow.pt, "
+                f"hift.pt) in a '{DECODER_DIRS[0]}/' folder of the tokenizer directory"
+            )
+        rows = list(codes.unbind(0)) if isinstance(codes, torch.Tensor) and codes.ndim == 2 else list(codes)
+        return [self.decoder(row, steps) for row in rows]
 
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> Glm4VoiceTokenizer:
-        """A local directory with ``config.json``, weights and (optionally) ``preprocessor_config.json``."""
+        """A local directory with ``config.json``, weights, (optionally) ``preprocessor_config.json`` and
+        (optionally) the decoder in ``decoder/`` (see the module docstring)."""
         directory = Path(directory)
         if not (directory / CONFIG_NAME).is_file():
             raise FileNotFoundError(f"GLM-4-Voice tokenizer directory has no {CONFIG_NAME}: {directory}")
@@ -217,7 +247,10 @@ class Glm4VoiceTokenizer(SpeechTokenizer):
             features = WhisperFeatureExtractor.from_pretrained(str(directory), local_files_only=True)
         else:
             features = WhisperFeatureExtractor(feature_size=cfg.num_mel_bins)
-        return cls(encoder, features)
+        decoder_dir = next((directory / d for d in DECODER_DIRS if (directory / d / DECODER_CONFIG_NAME).is_file()),
+                           None)
+        decoder = Glm4VoiceDecoder.from_pretrained(decoder_dir) if decoder_dir is not None else None
+        return cls(encoder, features, decoder)
 
     def save_pretrained(self, directory: str | Path) -> Path:
         """Write the release's file layout (config, safetensors weights, feature-extractor config)."""
@@ -226,6 +259,8 @@ class Glm4VoiceTokenizer(SpeechTokenizer):
         (directory / CONFIG_NAME).write_text(self.encoder.config.to_json())
         save_file({k: v.contiguous() for k, v in self.encoder.state_dict().items()}, str(directory / WEIGHTS_NAME))
         self.features.save_pretrained(str(directory))
+        if self.decoder is not None:
+            self.decoder.save_pretrained(directory / DECODER_DIRS[0])
         return directory
 
 
