@@ -34,7 +34,7 @@ setup(
     python_requires=">=3.11",
     package_dir=PACKAGE_DIR,
     packages=list(PACKAGE_DIR),
-    package_data={"omnidiff.jobs": ["configs/*.yaml"]},
+    package_data={"omnidiff.jobs": ["configs/*.yaml", "curricula/*.yaml"]},
     install_requires=[
         # torch is pinned by the README command (a CPU wheel on a fresh machine); any 2.x >= 2.5 works.
         "torch>=2.5",

@@ -1,0 +1,128 @@
+"""Curriculum job definitions: a job is a sequence of stages, each a run config.
+
+A job file (YAML, see ``jobs/curricula/``) holds run-config keys every stage shares (``run``),
+one entry per stage with the keys that stage changes, where stage 1 starts from (``init``, an
+Hugging Face folder such as Dream-7B, or nothing), what the job prepares for itself when it is
+missing (``prepare``: the demo dataset and tokenizers), and where it runs on a cluster
+(``cluster``, consumed by ``k8s/``). Stage ``n + 1`` always starts from stage ``n``'s final weights
+with a fresh optimizer and schedule; the curriculum runner (``platform/curriculum.py``) does that.
+
+This module only reads and merges definitions; the run configs are validated by the platform
+when a stage starts, the cluster section by ``k8s/``.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field, ValidationError, field_validator
+
+from omnidiff import ConfigError, ConfigSection
+
+JOBS_DIR = Path(__file__).resolve().parent / "curricula"
+
+
+class StageSpec(ConfigSection):
+    """One curriculum stage: a name and the run-config keys it sets on top of the job's."""
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]*$", max_length=40)
+    run: dict[str, Any] = Field(default_factory=dict)
+
+
+class InitSpec(ConfigSection):
+    """Where stage 1's weights come from: a Hugging Face folder (Dream or stock Qwen2 format);
+    vocabulary rows the folder lacks are initialised as ``new_rows`` says."""
+
+    hf: str
+    new_rows: Literal["normal", "mean"] = "normal"
+
+
+class PrepareSpec(ConfigSection):
+    """Data a job builds itself when missing (the demo): shards, then fitted tokenizers."""
+
+    demo_data: str  # output folder of `omnidiff demo-data`
+    samples: int = Field(3000, gt=0)
+    tokenizers: str  # output folder of `omnidiff fit-tokenizers`
+    image_codes: int = Field(512, gt=0)
+    speech_codes: int = Field(512, gt=0)
+    image_size: int = Field(64, gt=0)
+    generated_image_size: int = Field(32, gt=0)
+
+
+class JobConfig(ConfigSection):
+    """A curriculum job: shared run config, stages in order, init, preparation, cluster."""
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]*$", max_length=40)
+    output_dir: str
+    run: dict[str, Any] = Field(default_factory=dict)
+    stages: list[StageSpec] = Field(min_length=1)
+    init: InitSpec | None = None
+    prepare: PrepareSpec | None = None
+    export: bool = True  # an HF folder at the end of every stage
+    cluster: dict[str, Any] = Field(default_factory=dict)  # validated by k8s/
+
+    @field_validator("stages")
+    @classmethod
+    def _unique_names(cls, stages: list[StageSpec]) -> list[StageSpec]:
+        names = [stage.name for stage in stages]
+        if len(set(names)) != len(names):
+            raise ValueError(f"stage names must be unique, got {names}")
+        return stages
+
+    def stage_dir(self, index: int) -> Path:
+        return Path(self.output_dir) / self.stages[index].name
+
+    def stage_run_config(self, index: int) -> dict[str, Any]:
+        """The raw run config of stage ``index``: the job's keys, then the stage's, then its
+        name and output folder."""
+        stage = self.stages[index]
+        raw = deep_merge(self.run, stage.run)
+        raw["name"] = f"{self.name}-{stage.name}"
+        raw["output_dir"] = str(self.stage_dir(index))
+        return raw
+
+
+def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``extra`` on top, nested mappings merged key by key (inputs unchanged)."""
+    out = copy.deepcopy(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def resolve_job_path(spec: str | Path) -> Path:
+    """A job file path, or the name of a built-in job (``demo``, ``omni-diffusion``)."""
+    path = Path(spec)
+    if path.is_file():
+        return path
+    builtin = JOBS_DIR / f"{spec}.yaml"
+    if builtin.is_file():
+        return builtin
+    known = ", ".join(sorted(p.stem for p in JOBS_DIR.glob("*.yaml")))
+    raise ConfigError(f"job {spec}: no such file, and not a built-in job ({known})")
+
+
+def load_job(spec: str | Path) -> JobConfig:
+    """Read and validate a job file; errors are one line per problem naming the key."""
+    path = resolve_job_path(spec)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark else ""
+        raise ConfigError(f"{path}: not valid YAML{where}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    try:
+        return JobConfig.model_validate(raw)
+    except ValidationError as err:
+        problems = [f"{'.'.join(str(p) for p in e['loc']) or 'job'}: "
+                    f"{'unknown key' if e['type'] == 'extra_forbidden' else e['msg']}"
+                    for e in err.errors()]
+        raise ConfigError(f"{path}: " + "; ".join(problems)) from None
