@@ -51,6 +51,9 @@ class DataConfig(ConfigSection):
     stage: str | None = None
     paths: list[str] = Field(default_factory=list)
     text_tokenizer: str = "byte"  # "byte" (built-in) or a local Hugging Face tokenizer directory
+    # byte tokenizer only: pad its text vocabulary to this many entries (151667 = Dream's), for
+    # a full-size vocabulary (benchmarks, memory checks) without the Dream tokenizer files
+    text_vocab_size: int | None = Field(None, ge=260)
     image_tokenizer: MediaTokenizerRef | None = None
     speech_tokenizer: MediaTokenizerRef | None = None
     image_codebook_size: int = Field(8192, gt=0)
@@ -58,10 +61,20 @@ class DataConfig(ConfigSection):
     image_size: int = Field(512, gt=0)  # input images (REFERENCE §2: 512 px -> 1024 codes)
     generated_image_size: int = Field(256, gt=0)  # images an assistant turn generates
     reader_batch_size: int = Field(16, gt=0)  # samples per DALI decode batch
+    decode_budget_pixels: int = Field(64_000_000, gt=0)  # decoded pixels per decode call
+    decode_budget_audio_seconds: float = Field(600.0, gt=0)  # decoded audio per decode call
+    skip_bad_shards: bool = False  # leave unreadable shards out (counted) instead of refusing
     shuffle_buffer: int = Field(1024, gt=0)
     seq_length: int = Field(3072, gt=8)
     micro_batch_size: int = Field(1, gt=0)
     global_batch_size: int = Field(128, gt=0)
+
+    @model_validator(mode="after")
+    def _check_text_vocab_size(self) -> DataConfig:
+        if self.text_vocab_size is not None and self.text_tokenizer != "byte":
+            raise ValueError("text_vocab_size pads the byte tokenizer only; a Hugging Face "
+                             "tokenizer has its own size")
+        return self
 
     @model_validator(mode="after")
     def _check_source(self) -> DataConfig:

@@ -17,10 +17,9 @@ import copy
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import Field, ValidationError, field_validator
 
-from omnidiff import ConfigError, ConfigSection
+from omnidiff import ConfigError, ConfigSection, read_yaml_mapping
 
 JOBS_DIR = Path(__file__).resolve().parent / "curricula"
 
@@ -111,14 +110,7 @@ def resolve_job_path(spec: str | Path) -> Path:
 def load_job(spec: str | Path) -> JobConfig:
     """Read and validate a job file; errors are one line per problem naming the key."""
     path = resolve_job_path(spec)
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" (line {mark.line + 1})" if mark else ""
-        raise ConfigError(f"{path}: not valid YAML{where}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping")
+    raw = read_yaml_mapping(path)
     try:
         return JobConfig.model_validate(raw)
     except ValidationError as err:

@@ -37,7 +37,8 @@ class ModelConfig(ConfigSection):
             return values
         preset = values.get("preset", "tiny")
         if preset != "custom" and preset not in MODEL_PRESETS:
-            return values  # the Literal check reports it
+            known = ", ".join([*MODEL_PRESETS, "custom"])
+            raise ValueError(f"unknown model.preset {preset!r} (one of {known})")
         base = dict(MODEL_PRESETS.get(preset, {}))
         base.update(values)
         return base

@@ -11,6 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+import torch.distributed as dist
+
 from omnidiff import ConfigError
 from omnidiff.data.config import DataConfig
 from omnidiff.parallel.config import ModelConfig, ParallelConfig
@@ -64,6 +67,7 @@ class ParallelDims:
     tp: int = 1
     pp: int = 1
     rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     groups: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -109,6 +113,14 @@ class ParallelDims:
         if name not in self.groups:
             raise RuntimeError(f"no {name!r} process group: call topology.initialize first")
         return self.groups[name]
+
+    def any_rank(self, flag: bool) -> bool:
+        """True on every rank when ``flag`` is true on any (one small all-reduce)."""
+        if self.world_size == 1 or not dist.is_initialized():
+            return flag
+        value = torch.tensor([int(flag)], device=self.device)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return bool(value.item())
 
     # --- checks that need the world size -------------------------------------------------------
     def check_config(self, parallel: ParallelConfig) -> None:

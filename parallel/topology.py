@@ -50,7 +50,9 @@ def initialize(tp: int = 1, pp: int = 1, backend: str | None = None) -> Parallel
     from megatron.core import parallel_state as ps
 
     init_process_group(backend)
-    dims = ParallelDims(dist.get_world_size(), tp, pp, rank=dist.get_rank())
+    device = (torch.device("cuda", torch.cuda.current_device())
+              if dist.get_backend() == "nccl" else torch.device("cpu"))
+    dims = ParallelDims(dist.get_world_size(), tp, pp, rank=dist.get_rank(), device=device)
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
     ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,

@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
-from omnidiff import ConfigError, ConfigSection
+from omnidiff import ConfigError, ConfigSection, read_yaml_mapping, yaml_problem
 from omnidiff.data.config import DataConfig, DiffusionConfig, MediaTokenizerRef
 from omnidiff.monitoring.config import LoggingConfig
 from omnidiff.parallel.config import ModelConfig, OptimizerConfig, ParallelConfig, ScheduleConfig
@@ -64,7 +64,8 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         try:
             value = yaml.safe_load(text)
         except yaml.YAMLError as err:
-            raise ConfigError(f"override {key}: cannot parse value {text!r} ({err})") from None
+            raise ConfigError(f"override {key}: cannot parse value {text!r} "
+                              f"({yaml_problem(err)})") from None
         node = raw
         *parents, leaf = key.strip().split(".")
         for part in parents:
@@ -97,17 +98,7 @@ def build_config(raw: dict[str, Any]) -> RunConfig:
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
     """Read a YAML file (or start empty), apply overrides, validate."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML ({err})") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    raw = read_yaml_mapping(path) if path is not None else {}
     return build_config(apply_overrides(raw, list(overrides)))
 
 

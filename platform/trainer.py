@@ -29,6 +29,7 @@ from omnidiff.parallel.engines.base import TrainEngine
 from omnidiff.platform import checkpoint
 from omnidiff.platform.config import RunConfig, dump_config
 from omnidiff.platform.objective import DiffusionObjective
+from omnidiff.platform.stop import StopRequest
 
 log = logging.getLogger("omnidiff.train")
 
@@ -40,6 +41,8 @@ class TrainSummary:
     skipped_steps: int = 0
     seconds: float = 0.0
     checkpoint: str | None = None
+    last_step: int = 0
+    stopped_by: str | None = None  # the signal that stopped the run early
 
 
 class Trainer:
@@ -57,9 +60,8 @@ class Trainer:
                                      self.dims.dp_rank, self.dims.dp)
         self.batches = batch_stream(source, cfg.data, cfg.diffusion, self.vocab, cfg.seed,
                                     self.dims.dp_rank)
-        sinks = build_sinks(cfg.logging, self.output_dir) if self.dims.is_main else []
-        self.metrics = MetricsLogger(sinks)
         self.meter = ThroughputMeter()
+        self.stop = StopRequest()
 
     def _micro_batches(self, step: int) -> list[NoisedBatch]:
         return noised_micro_batches(self.batches, self.cfg.diffusion, self.vocab, self.cfg.seed,
@@ -92,12 +94,16 @@ class Trainer:
 
     # --- the loop ----------------------------------------------------------------------------
     def run(self) -> TrainSummary:
+        """Train to ``schedule.train_steps``, or until a stop signal (then save and return)."""
         cfg = self.cfg
+        self.stop.install()
         if self.dims.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             (self.output_dir / "config.yaml").write_text(dump_config(cfg))
         start = self._resume()
-        summary = TrainSummary()
+        sinks = build_sinks(cfg.logging, self.output_dir, start) if self.dims.is_main else []
+        metrics = MetricsLogger(sinks)
+        summary = TrainSummary(last_step=start)
         began = time.perf_counter()
         bar = tqdm(range(start, cfg.schedule.train_steps), initial=start,
                    total=cfg.schedule.train_steps, desc="train", unit="step",
@@ -108,18 +114,22 @@ class Trainer:
             self._measure(micro_batches)
             summary.losses.append(result.loss)
             summary.skipped_steps += int(result.skipped)
+            summary.last_step = done = step + 1
             bar.set_postfix(loss=f"{result.loss:.3f}", lr=f"{result.lr:.2e}")
-            done = step + 1
-            if done % cfg.logging.log_interval == 0 or done == cfg.schedule.train_steps:
-                self.metrics.log(done, {"loss": result.loss, "grad_norm": result.grad_norm,
-                                        "lr": result.lr, "masked_tokens": result.num_masked,
-                                        "skipped_steps": summary.skipped_steps,
-                                        **self.meter.report(), **self.batches.metrics()})
+            stopping = self.dims.any_rank(self.stop.requested)
+            if done % cfg.logging.log_interval == 0 or done == cfg.schedule.train_steps or stopping:
+                metrics.log(done, {"loss": result.loss, "grad_norm": result.grad_norm,
+                                   "lr": result.lr, "masked_tokens": result.num_masked,
+                                   "skipped_steps": summary.skipped_steps,
+                                   **self.meter.report(), **self.batches.metrics()})
             interval = cfg.checkpoint.save_interval
             due = (interval and done % interval == 0) or done == cfg.schedule.train_steps
-            if due and not result.skipped:  # so the newest checkpoint is always a good one
+            if (due or stopping) and not result.skipped:  # the newest checkpoint is a good one
                 summary.checkpoint = str(self._save(done))
+            if stopping:
+                summary.stopped_by = self.stop.signal_name or "a stop request on another rank"
+                break
         summary.steps = len(summary.losses)
         summary.seconds = time.perf_counter() - began
-        self.metrics.close()
+        metrics.close()
         return summary

@@ -7,6 +7,11 @@ cannot decode (truncated JPEG, ...). A rejected sample is skipped, counted per r
 (:meth:`MediaReader.metrics`) and logged with its shard and key; it never stops the stream.
 Skipping means a batch may hold fewer than ``batch_size`` samples (never zero).
 
+Memory stays bounded whatever a shard holds: media are decoded in slices of at most
+``decode_budget_pixels`` pixels and ``decode_budget_audio_seconds`` seconds (one item over the
+budget goes alone; the per-sample limits cap it), and decoded audio must be finite before any
+batch-level work sees it.
+
 Resume: :meth:`state_dict` holds the DALI reader checkpoint plus the counters; a reader built
 with that state yields exactly the batches the original would have yielded next.
 """
@@ -48,6 +53,10 @@ class MediaReaderConfig(BaseModel):
     mel_window: int = Field(400, gt=0)  # 25 ms at 16 kHz
     mel_hop: int = Field(160, gt=0)  # 10 ms at 16 kHz
     limits: SampleLimits = Field(default_factory=SampleLimits)
+    # Decoded media per decode call, whatever the shard holds: bounds the reader's memory.
+    decode_budget_pixels: int = Field(64_000_000, gt=0)
+    decode_budget_audio_seconds: float = Field(600.0, gt=0)
+    skip_bad_shards: bool = False  # leave unreadable shards out (counted) instead of refusing
     shuffle: bool = True
     shuffle_buffer: int = Field(1024, gt=0)
     seed: int = 0
@@ -90,7 +99,8 @@ class MediaReader:
         if not 0 <= shard_id < num_shards:
             raise ValueError(f"shard_id {shard_id} must be in [0, num_shards={num_shards})")
         self.config, self.shard_id, self.num_shards = config, shard_id, num_shards
-        infos = list_shards(config.shards)
+        self.bad_shards: list[str] = []
+        infos = list_shards(config.shards, self.bad_shards if config.skip_bad_shards else None)
         self._paths = [str(info.path) for info in infos]
         with_index = all(info.index_path for info in infos)
         self._index_paths = [str(info.index_path) for info in infos] if with_index else None
@@ -111,6 +121,7 @@ class MediaReader:
         self.samples_read = 0
         self.samples_ok = 0
         self._bad_streak = 0
+        self._unnamed = 0  # samples DALI cannot name (no member it knows), this epoch
         if state is None:
             self._open(None)
         else:
@@ -144,7 +155,7 @@ class MediaReader:
         return {"reader": self._pipe.checkpoint(), "fingerprint": self._fingerprint(),
                 "skipped": dict(self.skipped), "skipped_samples": sorted(self.skipped_samples),
                 "samples_read": self.samples_read,
-                "samples_ok": self.samples_ok}
+                "samples_ok": self.samples_ok, "unnamed": self._unnamed}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         mine = self._fingerprint()
@@ -156,6 +167,7 @@ class MediaReader:
         self.skipped = Counter(state["skipped"])
         self.skipped_samples = set(state["skipped_samples"])
         self.samples_read, self.samples_ok = state["samples_read"], state["samples_ok"]
+        self._unnamed = state.get("unnamed", 0)
 
     def metrics(self) -> dict[str, int]:
         """Cumulative counters, e.g. for ``data/...`` scalars in the run's tracker.
@@ -164,6 +176,7 @@ class MediaReader:
         again in every epoch); ``skipped_samples`` counts distinct bad samples.
         """
         return {"samples_read": self.samples_read, "samples_ok": self.samples_ok,
+                "shards_skipped": len(self.bad_shards),
                 "skipped_total": sum(self.skipped.values()),
                 "skipped_samples": len(self.skipped_samples),
                 **{f"skipped/{reason}": self.skipped[reason] for reason in REASONS}}
@@ -199,10 +212,16 @@ class MediaReader:
         for i in range(len(outputs[0])):
             members = [_bytes(outputs[j][i]) for j in range(slots)]
             source = next((bytes(_bytes(outputs[slots + j][i])).decode()
-                           for j in range(slots) if len(members[j])), "?:0:?")
-            shard, _, member = source.rsplit(":", 2)
-            key = sample_key(member)
+                           for j in range(slots) if len(members[j])), None)
+            if self.samples_read % max(self.epoch_size, 1) == 0:
+                self._unnamed = 0  # a new epoch: the same unnamed samples again
             self.samples_read += 1
+            if source is None:  # no member with a known extension: DALI has no name for it
+                shard, key = "?", f"<unnamed sample #{self._unnamed} of this epoch>"
+                self._unnamed += 1
+            else:
+                shard, _, member = source.rsplit(":", 2)
+                key = sample_key(member)
             try:
                 image_slots = members[1:1 + n_images]
                 audio_slots = members[1 + n_images:1 + n_images + n_audios]
@@ -217,6 +236,7 @@ class MediaReader:
             failure = next(((reason, f) for reason, decoded in (("bad_image", item_images),
                                                                 ("bad_audio", item_audios))
                             for f in decoded if isinstance(f, str)), None)
+            failure = failure or _non_finite(item_audios)
             if failure:
                 self._bad_streak += 1
                 self.reject(key, shard, failure[0], failure[1])
@@ -238,14 +258,40 @@ class MediaReader:
             sizes += [np.float32(c.generated_image_size if role == "assistant" else c.image_size)
                       for role in roles]
             encoded_audios += item.audios
-        image_out = self._images.run({"encoded": encoded_images, "size": sizes})
-        audio_out = self._audio.run({"encoded": encoded_audios})
+        pixels = [n for _, _, item in screened for n in item.image_pixels]
+        seconds = [s for _, _, item in screened for s in item.audio_seconds]
+        image_out = [out for part in _budget_slices(pixels, c.decode_budget_pixels)
+                     for out in self._images.run({"encoded": encoded_images[part],
+                                                  "size": sizes[part]})]
+        audio_out = [out for part in _budget_slices(seconds, c.decode_budget_audio_seconds)
+                     for out in self._audio.run({"encoded": encoded_audios[part]})]
         image_iter, audio_iter = iter(image_out), iter(audio_out)
         images = [[_described(next(image_iter), "image", k) for k in range(len(item.images))]
                   for _, _, item in screened]
         audios = [[_described(next(audio_iter), "audio", k) for k in range(len(item.audios))]
                   for _, _, item in screened]
         return images, audios
+
+
+def _budget_slices(costs: list[float], budget: float) -> list[slice]:
+    """Consecutive slices of ``costs`` summing to at most ``budget`` (an item over it alone)."""
+    slices, start, total = [], 0, 0.0
+    for index, cost in enumerate(costs):
+        if index > start and total + cost > budget:
+            slices.append(slice(start, index))
+            start, total = index, 0.0
+        total += cost
+    if start < len(costs):
+        slices.append(slice(start, len(costs)))
+    return slices
+
+
+def _non_finite(decoded_audios) -> tuple[str, str] | None:
+    """A decoded clip holding NaN or infinite samples, as a rejection."""
+    for index, outputs in enumerate(decoded_audios):
+        if not bool(torch.isfinite(outputs[0]).all()):
+            return "bad_audio", f"audio{index}: NaN or infinite samples"
+    return None
 
 
 def _described(result, kind: str, index: int):

@@ -30,6 +30,7 @@ DALI's own ``wds2idx``), so readers start without scanning the tar.
 
 from __future__ import annotations
 
+import logging
 import glob
 import json
 import tarfile
@@ -44,6 +45,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from wds2idx import IndexCreator
 
 from omnidiff import UserError
+
+logger = logging.getLogger(__name__)
 from omnidiff.data.tokens.sequences import IMAGE_PLACEHOLDER, SPEECH_PLACEHOLDER
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -267,6 +270,20 @@ def inspect_shard(path: str | Path) -> ShardInfo:
     return ShardInfo(path, None, len(keys))
 
 
-def list_shards(specs: str | Path | Iterable[str | Path]) -> list[ShardInfo]:
-    """Expand shard specs and inspect every shard; the first unreadable one raises ShardError."""
-    return [inspect_shard(path) for path in expand_shard_specs(specs)]
+def list_shards(specs: str | Path | Iterable[str | Path],
+                skipped: list[str] | None = None) -> list[ShardInfo]:
+    """Expand shard specs and inspect every shard. The first unreadable one raises ShardError,
+    unless ``skipped`` is given: then its reason is appended there and the shard left out (at
+    least one shard must remain)."""
+    infos = []
+    for path in expand_shard_specs(specs):
+        try:
+            infos.append(inspect_shard(path))
+        except ShardError as err:
+            if skipped is None:
+                raise
+            skipped.append(str(err))
+            logger.warning("skipping %s", err)
+    if not infos:
+        raise ShardError(f"no readable shard among {len(skipped or [])}: {(skipped or [''])[0]}")
+    return infos

@@ -10,8 +10,11 @@ generated speech, and spoken VQA (speech + image in, text + speech out).
 
 from __future__ import annotations
 
+import functools
 import io
 import json
+import struct
+import zlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -21,7 +24,12 @@ from PIL import Image
 
 from omnidiff.data.media.shards import ShardWriter, audio_member, image_member
 
-CORRUPTIONS = ("truncated_image", "garbage_audio", "bad_json", "missing_field")
+# Deliberate defects: each is rejected by the reader with a reason (``huge_image`` is legal but
+# large: it must pass within the decode budget).
+CORRUPTIONS = ("truncated_image", "garbage_audio", "bad_json", "missing_field", "nan_audio",
+               "inf_audio", "zero_frames_audio", "empty_image", "bomb_image", "bmp_image",
+               "deep_json", "json_array", "wrong_types", "huge_json", "huge_image")
+HUGE_IMAGE_SIDE = 8000
 
 _LAYOUTS = (  # task, messages (role, content), generated-or-not per placeholder is implied by role
     ("captioning", (("user", "Describe the image.\n<image>"), ("assistant", "A synthetic scene."))),
@@ -91,6 +99,52 @@ def synthetic_sample(rng: np.random.Generator, index: int,
             "audios": audios}
 
 
+def _float_wav(values: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    soundfile.write(buffer, values.astype(np.float32), 16_000, format="WAV", subtype="FLOAT")
+    return buffer.getvalue()
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header claims ``width x height`` (a decompression bomb's first bytes)."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    chunk = struct.pack(">I", len(ihdr)) + b"IHDR" + ihdr
+    return (b"\x89PNG\r\n\x1a\n" + chunk + struct.pack(">I", zlib.crc32(chunk[4:]))
+            + struct.pack(">I", 0) + b"IEND" + struct.pack(">I", zlib.crc32(b"IEND")))
+
+
+@functools.cache
+def huge_png(side: int = HUGE_IMAGE_SIDE) -> bytes:
+    """A legal ``side x side`` PNG (a flat colour: small on disk, large once decoded)."""
+    return encode_image(np.full((side, side, 3), (40, 120, 200), np.uint8), "png")
+
+
+def _replace_media(members: dict, prefix: str, data: bytes, key: str, kind: str) -> None:
+    name = next((n for n in members if n.startswith(prefix)), None)
+    if name is None:
+        raise ValueError(f"corruption {kind} needs {prefix} media; {key} has none")
+    members[name] = data
+
+
+_MEDIA_DEFECTS = {  # kind -> (member prefix, new bytes from the old)
+    "truncated_image": ("image", lambda old: old[: len(old) // 2]),
+    "garbage_audio": ("audio", lambda old: np.random.default_rng(len(old)).bytes(len(old))),
+    "nan_audio": ("audio", lambda old: _float_wav(np.full(1600, np.nan))),
+    "inf_audio": ("audio", lambda old: _float_wav(np.r_[np.zeros(800), np.inf, np.zeros(799)])),
+    "zero_frames_audio": ("audio", lambda old: _float_wav(np.zeros(0))),
+    "empty_image": ("image", lambda old: b""),
+    "bomb_image": ("image", lambda old: _png_header_only(100_000, 100_000)),
+    "bmp_image": ("image", lambda old: _bmp(old)),
+    "huge_image": ("image", lambda old: huge_png()),
+}
+
+
+def _bmp(old: bytes) -> bytes:
+    buffer = io.BytesIO()
+    Image.open(io.BytesIO(old)).convert("RGB").save(buffer, format="BMP")
+    return buffer.getvalue()
+
+
 def _corrupt(kind: str, sample: dict) -> dict[str, bytes]:
     """The members of ``sample`` with one deliberate defect."""
     members = {image_member(i, ext): data for i, (ext, data) in enumerate(sample["images"])}
@@ -98,19 +152,21 @@ def _corrupt(kind: str, sample: dict) -> dict[str, bytes]:
     record = {"task": sample["task"], "messages": sample["messages"], "images": [
         image_member(i, ext) for i, (ext, _) in enumerate(sample["images"])], "audios": [
         audio_member(i, ext) for i, (ext, _) in enumerate(sample["audios"])]}
-    if kind in ("truncated_image", "garbage_audio"):
-        prefix = kind.split("_")[1]
-        name = next((n for n in members if n.startswith(prefix)), None)
-        if name is None:
-            raise ValueError(f"corruption {kind} needs {prefix} media; {sample['key']} has none")
-        size = len(members[name])
-        members[name] = (members[name][: size // 2] if prefix == "image"
-                         else np.random.default_rng(size).bytes(size))
+    if kind in _MEDIA_DEFECTS:
+        prefix, change = _MEDIA_DEFECTS[kind]
+        name = next((n for n in members if n.startswith(prefix)), "")
+        _replace_media(members, prefix, change(members.get(name, b"")), sample["key"], kind)
     elif kind == "missing_field":
         del record["messages"]
-    elif kind != "bad_json":
+    elif kind == "wrong_types":
+        record = {"task": 5, "messages": [{"role": 1, "content": ["x"]}], "images": "image0"}
+    elif kind == "huge_json":
+        record["extra"] = "x" * 2_000_000
+    elif kind not in ("bad_json", "json_array", "deep_json"):
         raise ValueError(f"unknown corruption {kind!r}; expected one of {CORRUPTIONS}")
-    text = json.dumps(record)
+    text = json.dumps([record] if kind == "json_array" else record)
+    if kind == "deep_json":  # 1000 levels: more than Python's json module can even parse
+        text = text[:-1] + ', "extra": ' + "[" * 1000 + "]" * 1000 + "}"
     members["json"] = (text[: len(text) // 2] if kind == "bad_json" else text).encode()
     return members
 

@@ -45,6 +45,8 @@ class SampleLimits(BaseModel):
     max_text_chars: int = Field(32_768, gt=0)
     max_audio_seconds: float = Field(60.0, gt=0)
     max_image_pixels: int = Field(64_000_000, gt=0)
+    max_json_bytes: int = Field(1_000_000, gt=0)
+    max_json_depth: int = Field(32, gt=0)
 
 
 class SampleRejected(Exception):
@@ -60,17 +62,38 @@ class ScreenedSample:
     record: SampleRecord
     images: list[Buffer]  # encoded, in placeholder order
     audios: list[Buffer]
+    image_pixels: list[int] = field(default_factory=list)  # from the headers
+    audio_seconds: list[float] = field(default_factory=list)
 
 
-def _parse_record(data: Buffer) -> SampleRecord:
+def json_depth(value: object) -> int:
+    """Nesting depth of parsed JSON (iterative: no recursion limit to hit)."""
+    depth, stack = 0, [(value, 1)]
+    while stack:
+        node, level = stack.pop()
+        if isinstance(node, (dict, list)):
+            depth = max(depth, level)
+            stack.extend((child, level + 1)
+                         for child in (node.values() if isinstance(node, dict) else node))
+    return depth
+
+
+def _parse_record(data: Buffer, limits: SampleLimits) -> SampleRecord:
     if not len(data):
         raise SampleRejected("bad_json", "no .json member")
+    if len(data) > limits.max_json_bytes:
+        raise SampleRejected("too_long", f"{len(data)} bytes of JSON, at most "
+                                         f"{limits.max_json_bytes} allowed")
     try:
         raw = json.loads(bytes(data))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise SampleRejected("bad_json", f"not JSON ({err})") from None
+    except RecursionError:
+        raise SampleRejected("bad_json", "nested too deeply to parse") from None
     if not isinstance(raw, dict):
         raise SampleRejected("bad_json", f"JSON is a {type(raw).__name__}, not an object")
+    if json_depth(raw) > limits.max_json_depth:
+        raise SampleRejected("bad_json", f"nested deeper than {limits.max_json_depth} levels")
     try:
         return SampleRecord.model_validate(raw)
     except ValidationError as err:
@@ -80,7 +103,8 @@ def _parse_record(data: Buffer) -> SampleRecord:
         raise SampleRejected("bad_record", problems) from None
 
 
-def _check_image(index: int, data: Buffer, limits: SampleLimits) -> None:
+def _check_image(index: int, data: Buffer, limits: SampleLimits) -> int:
+    """Header checks; returns the image's pixel count."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -90,12 +114,16 @@ def _check_image(index: int, data: Buffer, limits: SampleLimits) -> None:
         raise SampleRejected("bad_image", f"image{index}: unreadable header ({err})") from None
     if fmt not in _PIL_FORMATS:
         raise SampleRejected("bad_image", f"image{index}: format {fmt} is not one of {IMAGE_EXTS}")
+    if width < 1 or height < 1:
+        raise SampleRejected("bad_image", f"image{index}: empty ({width}x{height})")
     if width * height > limits.max_image_pixels:
         raise SampleRejected("too_long", f"image{index}: {width}x{height} exceeds "
                                          f"{limits.max_image_pixels} pixels")
+    return width * height
 
 
-def _check_audio(index: int, data: Buffer, limits: SampleLimits) -> None:
+def _check_audio(index: int, data: Buffer, limits: SampleLimits) -> float:
+    """Header checks; returns the clip's duration in seconds."""
     try:
         info = soundfile.info(io.BytesIO(data))
     except Exception as err:  # libsndfile errors surface as several exception types
@@ -106,13 +134,14 @@ def _check_audio(index: int, data: Buffer, limits: SampleLimits) -> None:
     if info.frames / info.samplerate > limits.max_audio_seconds:
         raise SampleRejected("too_long", f"audio{index}: {info.frames / info.samplerate:.1f} s "
                                          f"exceeds {limits.max_audio_seconds} s")
+    return info.frames / info.samplerate
 
 
 def screen_sample(json_data: Buffer, image_slots: Sequence[Buffer], audio_slots: Sequence[Buffer],
                   limits: SampleLimits) -> ScreenedSample:
     """Cheap checks of one sample; ``*_slots[i]`` is member ``image{i}`` / ``audio{i}`` (empty
     if absent)."""
-    record = _parse_record(json_data)
+    record = _parse_record(json_data, limits)
     for kind, names, limit in (("images", record.images, limits.max_images),
                                ("audios", record.audios, limits.max_audios)):
         if len(names) > limit:
@@ -126,11 +155,9 @@ def screen_sample(json_data: Buffer, image_slots: Sequence[Buffer], audio_slots:
         missing = [name for name, data in zip(names, slots) if not len(data)]
         if missing:
             raise SampleRejected("missing_media", f"record names {missing}, absent from the sample")
-    for index, data in enumerate(images):
-        _check_image(index, data, limits)
-    for index, data in enumerate(audios):
-        _check_audio(index, data, limits)
-    return ScreenedSample(record, images, audios)
+    pixels = [_check_image(index, data, limits) for index, data in enumerate(images)]
+    seconds = [_check_audio(index, data, limits) for index, data in enumerate(audios)]
+    return ScreenedSample(record, images, audios, pixels, seconds)
 
 
 # --- whole shards ---------------------------------------------------------------------------------

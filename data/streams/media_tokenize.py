@@ -64,12 +64,13 @@ class SampleTokenizer:
     @torch.no_grad()
     def __call__(self, batch: MediaBatch) -> list[TokenSample | Rejected]:
         image_codes = self._encode_images([img for s in batch.samples for img in s.images])
-        speech_codes = self._encode_speech([wav for s in batch.samples for wav in s.audios])
+        speech_codes = _isolated(self._encode_speech,
+                                 [wav for s in batch.samples for wav in s.audios])
         out: list[TokenSample | Rejected] = []
         for sample in batch.samples:
             images = [image_codes.pop(0) for _ in sample.images]
             speech = [speech_codes.pop(0) for _ in sample.audios]
-            out.append(self._sequence(sample, images, speech))
+            out.append(_first_failure(images, speech) or self._sequence(sample, images, speech))
         return out
 
     def _sequence(self, sample: MediaSample, images: list[torch.Tensor],
@@ -89,12 +90,37 @@ class SampleTokenizer:
         by_size: dict[tuple[int, ...], list[int]] = defaultdict(list)
         for index, image in enumerate(images):
             by_size[tuple(image.shape)].append(index)
-        codes: list[torch.Tensor | None] = [None] * len(images)
+        codes: list[torch.Tensor | str] = [""] * len(images)
         for indices in by_size.values():
-            batch = torch.stack([images[i] for i in indices]).cpu()
-            for i, grid in zip(indices, self.image.encode(batch)):
-                codes[i] = grid.reshape(-1)
+            encoded = _isolated(lambda group: [grid.reshape(-1) for grid in self.image.encode(
+                torch.stack(group).cpu())], [images[i] for i in indices])
+            for i, result in zip(indices, encoded):
+                codes[i] = result
         return codes
 
     def _encode_speech(self, clips: list[torch.Tensor]) -> list[torch.Tensor]:
         return self.speech.encode([clip.cpu() for clip in clips]) if clips else []
+
+
+def _first_failure(images: list, speech: list) -> Rejected | None:
+    """The first medium of a sample its tokenizer refused (codes are a message there)."""
+    for reason, kind, group in (("bad_image", "image", images), ("bad_audio", "audio", speech)):
+        for index, codes in enumerate(group):
+            if isinstance(codes, str):
+                return Rejected(reason, f"{kind}{index}: the tokenizer refused it ({codes})")
+    return None
+
+
+def _isolated(encode, items: list) -> list:
+    """``encode(items)``; if the batch fails, item by item, failures as their message.
+
+    One bad item (e.g. audio a tokenizer cannot take) must not sink the whole batch.
+    """
+    if not items:
+        return []
+    try:
+        return list(encode(items))
+    except (ValueError, RuntimeError) as err:
+        if len(items) == 1:
+            return [str(err).splitlines()[0] if str(err) else type(err).__name__]
+    return [result for item in items for result in _isolated(encode, [item])]

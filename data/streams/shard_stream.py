@@ -24,7 +24,10 @@ def reader_config(data_cfg, shards: list[str], seed: int, shuffle: bool = True
     return MediaReaderConfig(
         shards=shards, batch_size=data_cfg.reader_batch_size, image_size=data_cfg.image_size,
         generated_image_size=data_cfg.generated_image_size, shuffle=shuffle,
-        shuffle_buffer=data_cfg.shuffle_buffer, seed=seed)
+        shuffle_buffer=data_cfg.shuffle_buffer, seed=seed,
+        decode_budget_pixels=data_cfg.decode_budget_pixels,
+        decode_budget_audio_seconds=data_cfg.decode_budget_audio_seconds,
+        skip_bad_shards=data_cfg.skip_bad_shards)
 
 
 class ShardStream:
@@ -65,11 +68,12 @@ class ShardStream:
         return self._pending.pop(0)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"reader": self.reader.state_dict(), "pending": list(self._pending)}
+        return {"reader": self.reader.state_dict(),
+                "pending": [sample.to_state() for sample in self._pending]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.reader.load_state_dict(state["reader"])
-        self._pending = list(state["pending"])
+        self._pending = [TokenSample.from_state(sample) for sample in state["pending"]]
 
     def metrics(self) -> dict[str, int]:
         return self.reader.metrics()

@@ -30,6 +30,15 @@ class TokenSample:
     def __len__(self) -> int:
         return len(self.tokens)
 
+    def to_state(self) -> dict:
+        """Plain data (tensors and a string), e.g. for a checkpoint."""
+        return {"tokens": self.tokens, "target_mask": self.target_mask,
+                "tail_pad_mask": self.tail_pad_mask, "task": self.task}
+
+    @classmethod
+    def from_state(cls, state: dict) -> TokenSample:
+        return cls(**state)
+
 
 @dataclass
 class PackedBatch:
@@ -82,10 +91,11 @@ class SequencePacker:
         return closed or None
 
     def state_dict(self) -> dict:
-        return {"open": list(self._open), "oversize_skipped": self.oversize_skipped}
+        return {"open": [sample.to_state() for sample in self._open],
+                "oversize_skipped": self.oversize_skipped}
 
     def load_state_dict(self, state: dict) -> None:
-        self._open = list(state["open"])
+        self._open = [TokenSample.from_state(sample) for sample in state["open"]]
         self._open_len = sum(len(s) for s in self._open)
         self.oversize_skipped = state["oversize_skipped"]
 

@@ -19,16 +19,24 @@ class ByteTokenizer:
     """UTF-8 bytes 0..255, then ``<|endoftext|> <|im_start|> <|im_end|> <|mask|>`` (256..259).
 
     Special-token strings inside the text are encoded as their single ids, like HF tokenizers.
+    ``size`` (``data.text_vocab_size``) pads the text vocabulary to that many entries, the
+    specials taking its last four ids: a full-size vocabulary (151,667 = Dream's) without the
+    Dream tokenizer files. Encoding never produces the padding ids.
     """
 
     _SPECIAL_RE = re.compile("(" + "|".join(re.escape(t) for t in CHAT_SPECIALS) + ")")
 
-    def __init__(self) -> None:
-        self._special_ids = {tok: 256 + i for i, tok in enumerate(CHAT_SPECIALS)}
+    def __init__(self, size: int | None = None) -> None:
+        self._size = 256 + len(CHAT_SPECIALS) if size is None else size
+        first = self._size - len(CHAT_SPECIALS)
+        if first < 256:
+            raise ValueError(f"a byte tokenizer needs at least {256 + len(CHAT_SPECIALS)} "
+                             f"entries, got {size}")
+        self._special_ids = {tok: first + i for i, tok in enumerate(CHAT_SPECIALS)}
         self._special_names = {i: tok for tok, i in self._special_ids.items()}
 
     def __len__(self) -> int:
-        return 256 + len(CHAT_SPECIALS)
+        return self._size
 
     def token_to_id(self, token: str) -> int | None:
         return self._special_ids.get(token)
@@ -89,16 +97,17 @@ class HFTextTokenizer:
         return self._tok.decode(list(ids))
 
 
-def load_text_tokenizer(spec: str) -> TextTokenizer:
-    """``"byte"`` for the built-in tokenizer, else a local Hugging Face tokenizer directory."""
+def load_text_tokenizer(spec: str, text_vocab_size: int | None = None) -> TextTokenizer:
+    """``"byte"`` for the built-in tokenizer (padded to ``text_vocab_size`` entries when given),
+    else a local Hugging Face tokenizer directory."""
     if spec == "byte":
-        return ByteTokenizer()
+        return ByteTokenizer(text_vocab_size)
     return HFTextTokenizer(spec)
 
 
 def build_vocab(data: DataConfig) -> tuple[UnifiedVocab, TextTokenizer]:
     """The run's unified vocabulary and the text tokenizer it is built on."""
-    tokenizer = load_text_tokenizer(data.text_tokenizer)
+    tokenizer = load_text_tokenizer(data.text_tokenizer, data.text_vocab_size)
     vocab = UnifiedVocab.from_text_tokenizer(tokenizer, data.speech_codebook_size,
                                              data.image_codebook_size)
     return vocab, tokenizer

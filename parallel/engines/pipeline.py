@@ -40,6 +40,7 @@ from omnidiff.parallel.dims import ParallelDims, deepspeed_topology, rank_groups
 from omnidiff.parallel.engines.base import (
     EngineConfig, LossFn, SkipGuard, StepResult, check_micro_batches, check_skip_agrees)
 from omnidiff.parallel.engines.deepspeed_config import deepspeed_config
+from omnidiff.parallel.engines.deepspeed_state import load_optimizer_state, plain_optimizer_state
 from omnidiff.parallel.grad_sync import register_sequence_parallel_grad_sync
 from omnidiff.parallel.model import OmniDiffusionTransformer
 from omnidiff.parallel.optim import build_optimizer, build_scheduler
@@ -206,15 +207,12 @@ class PipelineEngine:
     def state_dict(self) -> dict:
         """This rank's shard: its stage's weights under the PP=1 model's names, ZeRO-1 state."""
         model = {self.names[key]: value for key, value in self.model.state_dict().items()}
-        return {"model": model, "optimizer": self.ds.optimizer.state_dict(),
+        return {"model": model, "optimizer": plain_optimizer_state(self.ds.optimizer),
                 "scheduler": self.scheduler.state_dict(), "guard": self.guard.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         """Resume from :meth:`state_dict` of the same rank in the same layout."""
         self.model.load_state_dict({key: state["model"][name] for key, name in self.names.items()})
-        # ZeRO reads entry [dp_rank] of a per-DP-rank list; this rank saved its own.
-        partitions = [None] * self.dims.dp
-        partitions[self.dims.dp_rank] = state["optimizer"]
-        self.ds.optimizer.load_state_dict(partitions, load_from_fp32_weights=True)
+        load_optimizer_state(self.ds, state["optimizer"], self.dims)
         self.scheduler.load_state_dict(state["scheduler"])
         self.guard.load_state_dict(state["guard"])

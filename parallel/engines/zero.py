@@ -36,6 +36,7 @@ from omnidiff.parallel.engines.base import (
     EngineConfig, LossFn, ModelWithLoss, SkipGuard, StepResult, check_micro_batches,
     check_skip_agrees)
 from omnidiff.parallel.engines.deepspeed_config import deepspeed_config
+from omnidiff.parallel.engines.deepspeed_state import load_optimizer_state, plain_optimizer_state
 from omnidiff.parallel.grad_sync import register_sequence_parallel_grad_sync
 from omnidiff.parallel.mpu import MegatronMPU
 from omnidiff.parallel.optim import build_optimizer, build_scheduler
@@ -122,20 +123,12 @@ class DeepSpeedEngine:
     def state_dict(self) -> dict:
         # Under ZeRO-3 the module holds only placeholders: the fp32 partitions are the weights.
         model = self.model.state_dict() if self.cfg.parallel.zero_stage < 3 else None
-        return {"model": model, "optimizer": self.ds.optimizer.state_dict(),
+        return {"model": model, "optimizer": plain_optimizer_state(self.ds.optimizer),
                 "scheduler": self.scheduler.state_dict(), "guard": self.guard.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         if state["model"] is not None:
             self.model.load_state_dict(state["model"])
-        if self.ds.zero_optimization():
-            # ZeRO reads entry [dp_rank] of a per-DP-rank list; this rank saved its own. Its
-            # fp32 master partition is in there too (all the weights under ZeRO-3).
-            partitions = [None] * dist.get_world_size(self.dims.group("dp"))
-            partitions[dist.get_rank(self.dims.group("dp"))] = state["optimizer"]
-            self.ds.optimizer.load_state_dict(partitions, load_optimizer_states=True,
-                                              load_from_fp32_weights=True)
-        else:  # the torch optimizer, or DeepSpeed's stage-0 bf16/fp16 one (fp32 masters inside)
-            self.ds.optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(self.ds, state["optimizer"], self.dims)
         self.scheduler.load_state_dict(state["scheduler"])
         self.guard.load_state_dict(state["guard"])

@@ -15,7 +15,9 @@ from pathlib import Path
 from torch.multiprocessing import ProcessExitedException
 
 from omnidiff import RunStopped, UserError
+from omnidiff.parallel.dims import ParallelDims
 from omnidiff.parallel.launcher import launched_externally, spawn
+from omnidiff.platform.commands import CommandError
 from omnidiff.platform.config import RunConfig, build_config, load_config
 
 NAME = "train"
@@ -44,7 +46,10 @@ def train_worker(raw_config: dict) -> None:
     try:
         trainer = Trainer(build_config(raw_config))
         summary = trainer.run()
-        if main_rank and summary.losses:
+        if main_rank and summary.stopped_by:
+            print(f"stopped by {summary.stopped_by} after step {summary.last_step}; checkpoint "
+                  f"{summary.checkpoint}; continue with --resume auto")
+        elif main_rank and summary.losses:
             print(f"trained {summary.steps} steps in {summary.seconds:.1f} s: loss "
                   f"{summary.losses[0]:.4f} -> {summary.losses[-1]:.4f}; "
                   f"checkpoint {summary.checkpoint}")
@@ -56,6 +61,18 @@ def train_worker(raw_config: dict) -> None:
         topology.destroy()
 
 
+def prepare_output_dir(path: Path) -> None:
+    """Create the output folder and make sure files can be written there (one line if not)."""
+    probe = path / ".omnidiff-write-test"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as err:
+        raise CommandError(f"output_dir {path}: not a writable folder "
+                           f"({err.strerror or err})") from None
+
+
 def run(args: argparse.Namespace) -> int:
     config_path, overrides = args.config, list(args.overrides)
     if config_path and "=" in config_path and not Path(config_path).exists():
@@ -65,6 +82,9 @@ def run(args: argparse.Namespace) -> int:
     cfg: RunConfig = load_config(config_path, overrides)
     raw = cfg.model_dump(mode="json")
     nproc = cfg.parallel.nproc_per_node
+    if not launched_externally():  # the world is known here: check the layout before starting
+        ParallelDims(nproc, cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel)
+    prepare_output_dir(Path(cfg.output_dir))
     try:
         if nproc > 1 and not launched_externally():
             spawn(train_worker, nproc, raw)

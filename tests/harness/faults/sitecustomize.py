@@ -23,6 +23,6 @@ if _STALL:
         if last and path.parent.name.endswith(f"step_{int(_STALL):08d}"):
             while True:  # wait to be killed
                 time.sleep(1)
-        _write_shard(path, state)
+        return _write_shard(path, state)
 
     _checkpoint.write_shard = _stalling_write_shard
