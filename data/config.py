@@ -22,6 +22,9 @@ class DiffusionConfig(ConfigSection):
     label_shift: bool = True  # Dream: the logit at position i predicts token i+1
     loss_normalization: Literal["token", "sample"] = "token"
     head_chunk_size: int = Field(1024, gt=0)  # masked positions per LM-head chunk
+    # vocabulary rows per LM-head logits block; default by device: 1024 on CPU (cache-sized),
+    # 8192 on CUDA (fewer, larger GEMMs; one fp32 [1024, 8192] block is 32 MiB)
+    head_vocab_block: int | None = Field(None, gt=0)
 
     @model_validator(mode="after")
     def _check_weighting(self) -> DiffusionConfig:

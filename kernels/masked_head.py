@@ -81,6 +81,8 @@ def _check_inputs(hidden: Tensor, weight: Tensor, ids: Tensor, token_weights: Te
     if token_weights is not None and token_weights.shape != ids.shape:
         raise ValueError(f"token_weights shape {tuple(token_weights.shape)} must equal "
                          f"targets shape {tuple(ids.shape)}")
+    if ids.device.type != "cpu":
+        return  # the range check reads values: a host sync; CPU batches were checked upstream
     vocab = weight.shape[0] * _tp_size(group)
     scored = ids[ids != IGNORE_INDEX] if ignore else ids
     if scored.numel() and (int(scored.min()) < 0 or int(scored.max()) >= vocab):
@@ -126,10 +128,11 @@ def _accumulate(out: Tensor, a: Tensor, b: Tensor) -> None:
 
 
 def _local_targets(targets: Tensor, vocab_local: int, group: ProcessGroup | None):
-    """(rows whose target id lives in this rank's vocabulary shard, their local ids)."""
+    """(``[n]`` bool: target id in this rank's vocabulary shard, ``[n]`` local ids, clamped into
+    the shard where not owned so every row can gather without a data-dependent shape)."""
     first = (0 if group is None else group.rank()) * vocab_local
     owned = (targets >= first) & (targets < first + vocab_local)
-    return owned.nonzero().squeeze(1), targets[owned] - first
+    return owned, (targets - first).clamp(0, vocab_local - 1)
 
 
 class _ChunkedMaskedHead(torch.autograd.Function):
@@ -157,8 +160,8 @@ class _ChunkedMaskedHead(torch.autograd.Function):
             h_c, w_c = hidden[rows], token_weights[rows]
             log_z = _log_normaliser(h_c, weight, vocab_block, group)
             owned, local_ids = _local_targets(targets[rows], weight.shape[0], group)
-            target_logit = torch.zeros(h_c.shape[0], **fp32)
-            target_logit[owned] = (h_c[owned] * weight[local_ids]).float().sum(dim=1)
+            target_rows = weight[local_ids]  # [C, h]: the target's row (any row where not owned)
+            target_logit = torch.where(owned, (h_c * target_rows).float().sum(dim=1), 0.0)
             _all_reduce(target_logit, torch.distributed.ReduceOp.SUM, group)
             total += ((log_z - target_logit) * w_c).sum()
             if not (need_h or need_w):
@@ -170,11 +173,11 @@ class _ChunkedMaskedHead(torch.autograd.Function):
                     _accumulate(grad_h[rows], probs, w_b)
                 if need_w:
                     _accumulate(grad_w[block], probs.t(), h_c)
-            scaled = w_c[owned, None]
+            scaled = torch.where(owned, w_c, 0.0)[:, None]  # the one-hot term, owner rank only
             if need_h:
-                grad_h[rows].index_add_(0, owned, -(weight[local_ids].float() * scaled))
+                grad_h[rows] -= target_rows.float() * scaled
             if need_w:
-                grad_w.index_add_(0, local_ids, -(h_c[owned].float() * scaled))
+                grad_w.index_add_(0, local_ids, -(h_c.float() * scaled))
         ctx.grads = (grad_h, grad_w)
         ctx.dtypes = (hidden.dtype, weight.dtype)
         return total

@@ -16,6 +16,7 @@ import torch.distributed as dist
 
 from omnidiff import ConfigError
 from omnidiff.data.config import DataConfig
+from omnidiff.parallel.collectives import all_reduce
 from omnidiff.parallel.config import ModelConfig, ParallelConfig
 
 MEGATRON_ORDER = "tp-cp-ep-dp-pp"
@@ -119,7 +120,7 @@ class ParallelDims:
         if self.world_size == 1 or not dist.is_initialized():
             return flag
         value = torch.tensor([int(flag)], device=self.device)
-        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        all_reduce(value, None, self.device, dist.ReduceOp.MAX, "stop request")
         return bool(value.item())
 
     # --- checks that need the world size -------------------------------------------------------

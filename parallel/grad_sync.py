@@ -14,21 +14,22 @@ import torch.distributed as dist
 from torch.distributed import ProcessGroup
 from torch.utils.hooks import RemovableHandle
 
+from omnidiff.parallel.collectives import all_reduce
+
 
 def sequence_parallel_params(module: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [p for p in module.parameters()
             if p.requires_grad and getattr(p, "sequence_parallel", False)]
 
 
-def register_sequence_parallel_grad_sync(module: torch.nn.Module,
-                                         tp_group: ProcessGroup) -> list[RemovableHandle]:
+def register_sequence_parallel_grad_sync(module: torch.nn.Module, tp_group: ProcessGroup,
+                                         device: torch.device) -> list[RemovableHandle]:
     """Sum the gradients of ``sequence_parallel`` parameters over ``tp_group``; returns handles."""
     if dist.get_world_size(tp_group) == 1:
         return []
 
-    def all_reduce(grad: torch.Tensor) -> torch.Tensor:
+    def summed(grad: torch.Tensor) -> torch.Tensor:
         grad = grad.clone()  # autograd may share the incoming buffer with other consumers
-        dist.all_reduce(grad, group=tp_group)
-        return grad
+        return all_reduce(grad, tp_group, device, what="sequence-parallel gradient sum")
 
-    return [p.register_hook(all_reduce) for p in sequence_parallel_params(module)]
+    return [p.register_hook(summed) for p in sequence_parallel_params(module)]

@@ -5,6 +5,13 @@ embedding (``VocabParallelEmbedding``) -> ``TransformerBlock`` built from a laye
 column-parallel output layer. The forward returns the final hidden states; the loss only ever
 evaluates the output layer at masked positions (:mod:`omnidiff.kernels.masked_head`), and
 :meth:`OmniDiffusionTransformer.logits` gives full logits for sampling and checks.
+
+Packed rows run as THD: the ``b`` rows of ``s`` tokens are laid end to end as one sequence of
+``t = b s`` tokens (``[t, 1, h]``; ``[t / tp, 1, h]`` per rank under sequence parallelism), and
+``cu_seqlens`` marks the packed samples, so attention is block-diagonal without a mask (Transformer
+Engine fuses it; the portable spec loops SDPA over the samples) and RoPE restarts per sample.
+``attention="dense"`` keeps the former form (``[s, b, h]`` with a dense block-diagonal mask and
+per-token angles) as the reference the THD path is tested against.
 """
 
 from __future__ import annotations
@@ -16,7 +23,8 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_block import TransformerBlock
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from omnidiff.kernels.attention import block_diagonal_mask
+from omnidiff.data.tokens.noising import packed_cu_seqlens
+from omnidiff.kernels.attention import PackedSequences, block_diagonal_mask, packed_sequences
 from omnidiff.kernels.rope import rotary_angles
 from omnidiff.parallel.config import ModelConfig, ParallelConfig
 from omnidiff.parallel.gpu_stack import require_gpu_stack
@@ -70,10 +78,14 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig,
         # Initialise the full weight and slice it, so TP shards are slices of the TP=1 model.
         use_cpu_initialization=True,
         perform_initialization=perform_initialization,
-        bias_activation_fusion=False,
+        # CUDA fast paths megatron-core supports here: fused SwiGLU (torch.compile'd), fused
+        # RoPE for packed THD (Transformer Engine). Gradient-accumulation fusion writes
+        # megatron DDP's main_grad, which DeepSpeed never creates: off.
+        bias_activation_fusion=torch.cuda.is_available(),
         bias_dropout_fusion=False,
         masked_softmax_fusion=False,
-        apply_rope_fusion=False,
+        apply_rope_fusion=parallel.transformer_engine,
+        gradient_accumulation_fusion=False,
         persist_layer_norm=False,
         # megatron's recompute needs CUDA RNG state: only the (GPU-only) TE spec uses it.
         **recompute_settings(parallel.recompute, megatron_native=parallel.transformer_engine),
@@ -93,11 +105,15 @@ class OmniDiffusionTransformer(MegatronModule):
 
     def __init__(self, config: TransformerConfig, vocab_size: int, rope_theta: float,
                  spec: StackSpec, pre_process: bool = True, post_process: bool = True,
-                 num_layers: int | None = None) -> None:
+                 num_layers: int | None = None, attention: str = "thd") -> None:
         super().__init__(config=config)
+        if attention not in ("thd", "dense"):
+            raise ValueError(f"attention must be 'thd' or 'dense', got {attention!r}")
         self.vocab_size = vocab_size
         self.rope_theta = rope_theta
         self.pre_process, self.post_process = pre_process, post_process
+        self.attention = attention
+        self.rope_in_core_attention = spec.rope_in_core_attention
         if pre_process:
             self.embedding = tensor_parallel.VocabParallelEmbedding(
                 num_embeddings=vocab_size, embedding_dim=config.hidden_size,
@@ -124,28 +140,66 @@ class OmniDiffusionTransformer(MegatronModule):
         return hidden
 
     def forward(self, inputs: torch.Tensor, position_ids: torch.Tensor,
-                segment_ids: torch.Tensor) -> torch.Tensor:
-        """``inputs``: token ids ``[b, s]`` on the first stage, else hidden states ``[s, b, h]``.
+                segment_ids: torch.Tensor, cu_seqlens: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        """``inputs``: token ids ``[b, s]`` on the first stage, else the previous stage's hidden
+        states (as this method returns them on a stage without ``post_process``).
 
-        Returns hidden states; the last stage's are the final ones, whole-sequence under SP.
+        ``cu_seqlens`` (int32, :func:`omnidiff.data.tokens.noising.packed_cu_seqlens` of the
+        segment ids, precomputed on the host) is derived here when not given. Returns hidden
+        states; the last stage's are the final ones, ``[s, b, h]``, whole-sequence under SP.
         """
-        hidden = self.embed(inputs) if self.pre_process else inputs
-        hidden = self.decoder(
-            hidden,
-            attention_mask=block_diagonal_mask(segment_ids),
-            rotary_pos_emb=rotary_angles(position_ids, self.config.kv_channels,
-                                         self.rope_theta),
-        )
-        if self.post_process and self.config.sequence_parallel:
+        b, s = segment_ids.shape
+        if self.attention == "dense":
+            hidden = self.embed(inputs) if self.pre_process else inputs
+            hidden = self.decoder(
+                hidden, attention_mask=block_diagonal_mask(segment_ids),
+                rotary_pos_emb=rotary_angles(position_ids, self.config.kv_channels,
+                                             self.rope_theta))
+        else:
+            hidden = self.embed(inputs.reshape(1, b * s)) if self.pre_process else inputs
+            table, packed = self._packed(position_ids, segment_ids, cu_seqlens)
+            hidden = self.decoder(hidden, attention_mask=None, rotary_pos_emb=table,
+                                  packed_seq_params=packed)
+        if not self.post_process:
+            return hidden
+        if self.config.sequence_parallel:
             # Backward only splits: the LM head all-reduces its input gradient over TP.
             hidden = tensor_parallel.gather_from_sequence_parallel_region(
-                hidden, tensor_parallel_output_grad=False
-            )
+                hidden, tensor_parallel_output_grad=False)
+        if self.attention == "thd":
+            hidden = hidden.reshape(b, s, -1).transpose(0, 1)
         return hidden
 
+    def _packed(self, position_ids: torch.Tensor, segment_ids: torch.Tensor,
+                cu_seqlens: torch.Tensor | None) -> tuple[torch.Tensor | None, PackedSequences]:
+        """RoPE table (or None: angles ride with the packing) and the THD packing parameters.
+
+        ``cu_seqlens`` on the host gives the lengths for free; on the device (or absent, as on
+        a middle pipeline stage) they are read back once per forward.
+        """
+        b, s = segment_ids.shape
+        device = segment_ids.device
+        if cu_seqlens is None:
+            cu_seqlens = packed_cu_seqlens(segment_ids)
+        lengths = tuple(cu_seqlens.diff().tolist()) if self.rope_in_core_attention else ()
+        cu_seqlens = cu_seqlens.to(device, non_blocking=True)
+        if self.rope_in_core_attention:
+            angles = rotary_angles(position_ids.reshape(1, b * s), self.config.kv_channels,
+                                   self.rope_theta)[:, 0]  # [t, 1, d]
+            return None, packed_sequences(cu_seqlens, s, lengths, angles)
+        # Positions 0..s: one more than any sample can use, so megatron never mistakes the
+        # table for per-token angles (its rule when the sizes match, e.g. b = 1).
+        table = rotary_angles(torch.arange(s + 1, device=device)[None], self.config.kv_channels,
+                              self.rope_theta)
+        return table, packed_sequences(cu_seqlens, s)
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Full logits of this rank's vocabulary shard, ``[s, b, V / tp]``."""
-        return self.output_layer(hidden)[0]
+        """Full logits of this rank's vocabulary shard, ``[s, b, V / tp]``, from the final hidden
+        states :meth:`forward` returns (whole-sequence already: no second sequence gather)."""
+        weight = self.output_layer.weight
+        hidden = tensor_parallel.copy_to_tensor_model_parallel_region(hidden)
+        return torch.matmul(hidden, weight.t())
 
 
 def build_model(model: ModelConfig, parallel: ParallelConfig, vocab_size: int,

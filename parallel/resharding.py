@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from omnidiff import UserError
+from omnidiff.parallel.collectives import all_gather
 
 Tensor = torch.Tensor
 VOCAB_KEYS = ("embedding.weight", "output_layer.weight")
@@ -156,8 +157,8 @@ def _gather_tp(module: torch.nn.Module) -> dict[str, Tensor]:
         if layout.dim is None or tp == 1:
             full[name] = value.detach().clone()
             continue
-        parts = [torch.empty_like(value) for _ in range(tp)]
-        dist.all_gather(parts, value.detach().contiguous(), group=group)
+        # the weights' own device: where the run keeps its parameters
+        parts = all_gather(value.detach(), group, value.device, what=f"gather {name}")
         full[name] = unshard(parts, layout)
     return full
 

@@ -89,12 +89,11 @@ def portable_layer_spec() -> ModuleSpec:
 def transformer_engine_layer_spec() -> ModuleSpec:
     """Transformer Engine layer: fused norm + column-parallel linear, TE attention, FP8-capable.
 
-    megatron's dense TE GPT layer (``get_gpt_layer_with_transformer_engine_spec``) with the
-    bidirectional mask: ``arbitrary`` makes TE take the same block-diagonal boolean mask as the
-    portable path (True = masked, megatron's convention). TE runs ``arbitrary`` masks in its
-    unfused backend (the s x s scores are materialised, like SDPA with a mask); the faster packed
-    format is ``thd`` with ``cu_seqlens`` (``PackedSeqParams``, mask type ``padding``), which
-    needs the model's forward to pass packing as cumulative lengths instead of a mask.
+    megatron's dense TE GPT layer (``get_gpt_layer_with_transformer_engine_spec``), bidirectional:
+    the model passes packed rows as THD with ``cu_seqlens`` (``PackedSeqParams``), for which
+    megatron's TE wrapper turns ``no_mask`` into TE's ``padding`` mask type, so TE picks a fused
+    backend (cuDNN FusedAttention or FlashAttention: each sample attends to itself, nothing is
+    computed between samples). An ``arbitrary`` dense mask would force TE's unfused backend.
     The pre-norms are ``IdentityOp`` because TE fuses them into ``linear_qkv`` / ``linear_fc1``.
     Building the spec only names classes; instantiating them needs TE (see
     :func:`transformer_engine_spec`).
@@ -105,17 +104,24 @@ def transformer_engine_layer_spec() -> ModuleSpec:
         TERowParallelLinear,
     )
 
-    return _layer_spec(TransformerLayer, SelfAttention, AttnMaskType.arbitrary,
+    return _layer_spec(TransformerLayer, SelfAttention, AttnMaskType.no_mask,
                        TELayerNormColumnParallelLinear, TERowParallelLinear,
                        TEDotProductAttention, IdentityOp)
 
 
 @dataclass(frozen=True)
 class StackSpec:
-    """What a model is built from: one transformer layer's spec and the final norm's class."""
+    """What a model is built from: one transformer layer's spec and the final norm's class.
+
+    ``rope_in_core_attention``: the core attention rotates queries and keys itself from
+    per-token angles (the portable packed path: megatron's own packed RoPE reads the sequence
+    lengths back from the device every layer); otherwise megatron applies a position table
+    (fused on Transformer Engine).
+    """
 
     layer: ModuleSpec
     final_norm: type
+    rope_in_core_attention: bool = False
 
     def block(self, num_layers: int) -> TransformerBlockSubmodules:
         """``num_layers`` layers (one pipeline stage's, or all) plus the final norm."""
@@ -124,7 +130,7 @@ class StackSpec:
 
 
 def portable_spec() -> StackSpec:
-    return StackSpec(portable_layer_spec(), portable_norm())
+    return StackSpec(portable_layer_spec(), portable_norm(), rope_in_core_attention=True)
 
 
 def transformer_engine_spec() -> StackSpec:

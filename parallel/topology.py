@@ -55,8 +55,10 @@ def initialize(tp: int = 1, pp: int = 1, backend: str | None = None) -> Parallel
     dims = ParallelDims(dist.get_world_size(), tp, pp, rank=dist.get_rank(), device=device)
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
+    # No gloo side groups: only megatron's distributed optimizer uses them, and on multi-node
+    # runs they need a routable interface (GLOO_SOCKET_IFNAME) for nothing.
     ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-                                 order=MEGATRON_ORDER)
+                                 order=MEGATRON_ORDER, create_gloo_process_groups=False)
     coordinates = (ps.get_tensor_model_parallel_rank(), ps.get_data_parallel_rank(),
                    ps.get_pipeline_model_parallel_rank())
     if coordinates != (dims.tp_rank, dims.dp_rank, dims.pp_rank):

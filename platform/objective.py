@@ -17,17 +17,10 @@ def scored_positions(noised: NoisedBatch, label_shift: bool) -> tuple[torch.Tens
     """``(batch_index, hidden_position)`` of every scored token, in ``loss_mask`` order.
 
     With Dream's label shift the logit at position i predicts token i+1, so a masked token at j
-    is read from the hidden state at j-1 (always inside the same sample: a sample's first token
-    is the ``<|im_start|>`` prompt, never a target).
+    is read from the hidden state at j-1 (inside the same sample: checked when the batch was
+    noised). Index arithmetic only: no host synchronisation.
     """
-    rows, cols = noised.loss_mask.nonzero(as_tuple=True)
-    if label_shift:
-        if bool((cols == 0).any()) or bool(
-            (noised.segment_ids[rows, cols - 1] != noised.segment_ids[rows, cols]).any()
-        ):
-            raise ValueError("a target token starts its sample; label shift needs a prompt")
-        cols = cols - 1
-    return rows, cols
+    return noised.scored_rows, noised.scored_cols - int(label_shift)
 
 
 class DiffusionObjective:
@@ -41,7 +34,8 @@ class DiffusionObjective:
                  noised: NoisedBatch) -> torch.Tensor:
         rows, cols = scored_positions(noised, self.cfg.label_shift)
         selected = hidden[cols, rows]  # [n, h]
-        targets = noised.labels[noised.loss_mask]
-        weights = noised.loss_weights[noised.loss_mask]
+        targets = noised.labels[noised.scored_rows, noised.scored_cols]
+        weights = noised.loss_weights[noised.scored_rows, noised.scored_cols]
+        block = self.cfg.head_vocab_block or (8192 if hidden.is_cuda else 1024)
         return masked_lm_loss(selected, output_weight, targets, weights,
-                              chunk_size=self.cfg.head_chunk_size)
+                              chunk_size=self.cfg.head_chunk_size, vocab_block=block)

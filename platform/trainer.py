@@ -64,8 +64,17 @@ class Trainer:
         self.stop = StopRequest()
 
     def _micro_batches(self, step: int) -> list[NoisedBatch]:
-        return noised_micro_batches(self.batches, self.cfg.diffusion, self.vocab, self.cfg.seed,
-                                    step, self.accumulation, self.dims.dp_rank)
+        """This step's micro-batches, made and measured on the host."""
+        batches = noised_micro_batches(self.batches, self.cfg.diffusion, self.vocab,
+                                       self.cfg.seed, step, self.accumulation, self.dims.dp_rank)
+        self._measure(batches)
+        return batches
+
+    def _on_device(self, batches: list[NoisedBatch]) -> list[NoisedBatch]:
+        """Copies on this rank's device (asynchronous, from pinned memory, on CUDA)."""
+        if self.dims.device.type == "cpu":
+            return batches
+        return [b.pin_memory().to(self.dims.device, non_blocking=True) for b in batches]
 
     def _measure(self, micro_batches: list[NoisedBatch]) -> None:
         """Tokens and model FLOPs of this rank's micro-batches, scaled to the whole DP group."""
@@ -109,9 +118,7 @@ class Trainer:
                    total=cfg.schedule.train_steps, desc="train", unit="step",
                    disable=not (cfg.logging.progress_bar and self.dims.is_main))
         for step in bar:
-            micro_batches = self._micro_batches(step)
-            result = self.engine.train_step(micro_batches)
-            self._measure(micro_batches)
+            result = self.engine.train_step(self._on_device(self._micro_batches(step)))
             summary.losses.append(result.loss)
             summary.skipped_steps += int(result.skipped)
             summary.last_step = done = step + 1

@@ -5,7 +5,7 @@ import torch
 
 from omnidiff.data.tokens.packing import TokenSample, collate_rows
 from omnidiff.platform.config import DiffusionConfig
-from omnidiff.data.tokens.noising import TailPadder, noise_batch
+from omnidiff.data.tokens.noising import TailPadder, check_label_shift, noise_batch
 from omnidiff.platform.objective import scored_positions
 
 EOS, MASK = 0, 1
@@ -109,6 +109,7 @@ def test_label_shift_reads_the_previous_position():
     rows, cols = scored_positions(noised, label_shift=False)
     rows_s, cols_s = scored_positions(noised, label_shift=True)
     assert torch.equal(rows, rows_s) and torch.equal(cols - 1, cols_s)
-    noised.loss_mask[0, 0] = True  # a target that starts its sample cannot be shifted
+    # a target that starts its sample cannot be shifted: refused when the batch is noised
+    rows_0, cols_0 = torch.cat([rows, torch.tensor([0])]), torch.cat([cols, torch.tensor([0])])
     with pytest.raises(ValueError, match="label shift"):
-        scored_positions(noised, label_shift=True)
+        check_label_shift(rows_0, cols_0, noised.segment_ids)

@@ -130,7 +130,7 @@ def test_transformer_engine_spec_selection():
     layer = spec.submodules
     attention = layer.self_attention
     assert spec.module is TransformerLayer  # megatron's own recompute (TE checkpoint for FP8)
-    assert attention.params["attn_mask_type"] == AttnMaskType.arbitrary  # bidirectional, packed
+    assert attention.params["attn_mask_type"] == AttnMaskType.no_mask  # THD: TE padding, fused
     assert attention.submodules.linear_qkv is te_ext.TELayerNormColumnParallelLinear
     assert attention.submodules.core_attention is te_ext.TEDotProductAttention
     assert attention.submodules.linear_proj is te_ext.TERowParallelLinear

@@ -105,7 +105,8 @@ def _reference():
         cfg = _config(pp=1)
         torch.manual_seed(cfg.seed)
         engine = LocalEngine(build_model(cfg.model, cfg.parallel, VOCAB), cfg,
-                             DiffusionObjective(cfg.diffusion), MICRO_BATCHES)
+                             DiffusionObjective(cfg.diffusion), MICRO_BATCHES,
+                             torch.device("cpu"))
         results = [engine.train_step(_micro_batches(cfg, step)) for step in range(STEPS)]
         return results, engine.model.state_dict()
     finally:

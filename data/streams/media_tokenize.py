@@ -93,13 +93,14 @@ class SampleTokenizer:
         codes: list[torch.Tensor | str] = [""] * len(images)
         for indices in by_size.values():
             encoded = _isolated(lambda group: [grid.reshape(-1) for grid in self.image.encode(
-                torch.stack(group).cpu())], [images[i] for i in indices])
+                torch.stack(group).to(self.image.device))], [images[i] for i in indices])
             for i, result in zip(indices, encoded):
                 codes[i] = result
         return codes
 
     def _encode_speech(self, clips: list[torch.Tensor]) -> list[torch.Tensor]:
-        return self.speech.encode([clip.cpu() for clip in clips]) if clips else []
+        device = self.speech.device
+        return self.speech.encode([clip.to(device) for clip in clips]) if clips else []
 
 
 def _first_failure(images: list, speech: list) -> Rejected | None:

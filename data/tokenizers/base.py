@@ -35,6 +35,12 @@ class MediaTokenizer(ABC):
     def codebook_size(self) -> int:
         """Number of distinct codes (the size of this modality's block in the unified vocabulary)."""
 
+    @property
+    def device(self) -> torch.device:
+        """Where :meth:`encode` takes its inputs (decoded media are moved there, not before:
+        GPU-decoded media stay on the GPU for a tokenizer that runs there)."""
+        return torch.device("cpu")
+
     @abstractmethod
     def encode(self, batch):
         """Media batch -> codes (see the module docstring for the shapes)."""

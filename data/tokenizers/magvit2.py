@@ -233,6 +233,10 @@ class MagvitV2Tokenizer(ImageTokenizer):
         return 2**self.model.config.z_channels
 
     @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
     def image_size(self) -> int:
         return self.model.config.resolution
 

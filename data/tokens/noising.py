@@ -16,7 +16,7 @@ platform's (``omnidiff.platform.objective``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 
 import torch
 
@@ -55,7 +55,12 @@ class TailPadder:
 
 @dataclass
 class NoisedBatch:
-    """A packed batch after noising: what the model reads and where the loss looks."""
+    """A packed batch after noising: what the model reads and where the loss looks.
+
+    Everything a step needs is computed here, on the host, once: the scored positions as index
+    tensors and the packed sequences' boundaries, so the step on the device never waits for the
+    host (no ``nonzero`` or ``.item()`` per micro-batch).
+    """
 
     input_ids: torch.Tensor  # [b, s] with masked targets replaced by the mask id
     labels: torch.Tensor  # [b, s] the clean tokens
@@ -64,10 +69,43 @@ class NoisedBatch:
     position_ids: torch.Tensor
     segment_ids: torch.Tensor
     mask_level: torch.Tensor  # [b, s] the threshold/t each token was masked with
+    scored_rows: torch.Tensor  # [n] long: row of every masked target, in loss_mask order
+    scored_cols: torch.Tensor  # [n] long: its position in the row
+    cu_seqlens: torch.Tensor  # [runs + 1] int32: packed sequences of the flattened rows
 
     @property
     def num_masked(self) -> int:
-        return int(self.loss_mask.sum())
+        return self.scored_rows.numel()
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> NoisedBatch:
+        """The same batch on ``device`` (``non_blocking`` from pinned host memory);
+        ``cu_seqlens`` stays on the host, where the model reads the sequence lengths for free
+        (and copies it to the device itself)."""
+        return NoisedBatch(*(value if f.name == "cu_seqlens"
+                             else value.to(device, non_blocking=non_blocking)
+                             for f in fields(self) for value in (getattr(self, f.name),)))
+
+    def pin_memory(self) -> NoisedBatch:
+        return NoisedBatch(*(getattr(self, f.name).pin_memory() for f in fields(self)))
+
+
+def packed_cu_seqlens(segment_ids: torch.Tensor) -> torch.Tensor:
+    """``cu_seqlens`` (int32) of the rows laid end to end: one sequence per run of equal segment
+    id in a row (a padding tail is a sequence of its own), as packed attention expects."""
+    b, s = segment_ids.shape
+    starts = torch.ones(b, s, dtype=torch.bool, device=segment_ids.device)
+    starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+    flat = torch.nonzero(starts.reshape(-1)).squeeze(1)
+    total = torch.tensor([b * s], device=segment_ids.device)
+    return torch.cat([flat, total]).to(torch.int32)
+
+
+def check_label_shift(rows: torch.Tensor, cols: torch.Tensor, segment_ids: torch.Tensor) -> None:
+    """With Dream's label shift a masked token at j is read from the hidden state at j - 1,
+    which must lie in the same sample (a sample's first token is a prompt, never a target)."""
+    if bool((cols == 0).any()) or bool(
+            (segment_ids[rows, cols - 1] != segment_ids[rows, cols]).any()):
+        raise ValueError("a target token starts its sample; label shift needs a prompt")
 
 
 def _mask_levels(batch: PackedBatch, cfg: DiffusionConfig,
@@ -109,6 +147,9 @@ def noise_batch(batch: PackedBatch, cfg: DiffusionConfig, mask_id: int,
         weights = 1.0 / level
     weights = torch.where(loss_mask, weights / _normalisation(loss_mask, batch,
                                                                cfg.loss_normalization), 0.0)
+    rows, cols = loss_mask.nonzero(as_tuple=True)
+    if cfg.label_shift:
+        check_label_shift(rows, cols, batch.segment_ids)
     return NoisedBatch(
         input_ids=torch.where(loss_mask, torch.full_like(batch.input_ids, mask_id),
                               batch.input_ids),
@@ -118,4 +159,7 @@ def noise_batch(batch: PackedBatch, cfg: DiffusionConfig, mask_id: int,
         position_ids=batch.position_ids,
         segment_ids=batch.segment_ids,
         mask_level=level,
+        scored_rows=rows,
+        scored_cols=cols,
+        cu_seqlens=packed_cu_seqlens(batch.segment_ids),
     )

@@ -37,14 +37,17 @@ def build_engine(cfg: EngineConfig, dims: ParallelDims, vocab_size: int,
         def build_stage(stage: int) -> OmniDiffusionTransformer:
             return OmniDiffusionTransformer(
                 config, vocab_size, cfg.model.rope_theta, spec, pre_process=stage == 0,
-                post_process=stage == dims.pp - 1, num_layers=config.num_layers // dims.pp)
+                post_process=stage == dims.pp - 1, num_layers=config.num_layers // dims.pp,
+            ).to(dims.device)
 
         return PipelineEngine(cfg, dims, loss_fn, build_stage)
-    model = build_model(cfg.model, cfg.parallel, vocab_size)
+    # Built on the host (so TP shards are slices of the TP=1 weights), then moved to this
+    # rank's device before any optimizer sees the parameters (fused kernels on CUDA).
+    model = build_model(cfg.model, cfg.parallel, vocab_size).to(dims.device)
     if dims.world_size == 1 and cfg.parallel.zero_stage == 0:
         from omnidiff.parallel.engines.local import LocalEngine
 
-        return LocalEngine(model, cfg, loss_fn, dims.micro_batches(cfg.data))
+        return LocalEngine(model, cfg, loss_fn, dims.micro_batches(cfg.data), dims.device)
     from omnidiff.parallel.engines.zero import DeepSpeedEngine
 
     return DeepSpeedEngine(model, cfg, dims, loss_fn)

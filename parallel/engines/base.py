@@ -68,8 +68,20 @@ class ModelWithLoss(torch.nn.Module):
         self.loss_fn = loss_fn
 
     def forward(self, batch: NoisedBatch) -> torch.Tensor:
-        hidden = self.model(batch.input_ids, batch.position_ids, batch.segment_ids)
+        hidden = self.model(batch.input_ids, batch.position_ids, batch.segment_ids,
+                            batch.cu_seqlens)
         return self.loss_fn(hidden, self.model.output_layer.weight, batch)
+
+
+def host_values(*values: torch.Tensor) -> tuple[float, ...]:
+    """Device scalars as Python floats, read together: an engine's one host sync per step."""
+    return tuple(float(v) for v in torch.stack([v.double() for v in values]).cpu())
+
+
+def poison_if_non_finite(value: torch.Tensor) -> torch.Tensor:
+    """1 where ``value`` is finite, NaN where not: multiply a loss by it so a non-finite step
+    gives non-finite gradients (and is skipped on every rank), without a host sync."""
+    return torch.where(torch.isfinite(value), 1.0, float("nan")).to(value.dtype)
 
 
 def check_micro_batches(given: int, expected: int) -> None:

@@ -8,7 +8,7 @@ import torch
 
 from omnidiff.data.tokens.noising import NoisedBatch
 from omnidiff.parallel.engines.base import (
-    EngineConfig, LossFn, ModelWithLoss, SkipGuard, StepResult, check_micro_batches)
+    EngineConfig, LossFn, ModelWithLoss, SkipGuard, StepResult, check_micro_batches, host_values)
 from omnidiff.parallel.optim import build_optimizer, build_scheduler
 
 
@@ -16,8 +16,9 @@ class LocalEngine:
     """:class:`~omnidiff.parallel.engines.base.TrainEngine` on one process, no DeepSpeed."""
 
     def __init__(self, model: torch.nn.Module, cfg: EngineConfig, loss_fn: LossFn,
-                 micro_batches: int) -> None:
+                 micro_batches: int, device: torch.device) -> None:
         self.model = model
+        self.device = device
         self.cfg = cfg
         self.step_loss = ModelWithLoss(model, loss_fn)
         self.micro_batches = micro_batches
@@ -29,21 +30,22 @@ class LocalEngine:
         check_micro_batches(len(micro_batches), self.micro_batches)
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        total = 0.0
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
         for batch in micro_batches:
             loss = self.step_loss(batch) / len(micro_batches)
             loss.backward()
-            total += float(loss.detach())
+            total += loss.detach().double()
         clip = self.cfg.optimizer.grad_clip or float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        loss_value, grad_norm = host_values(total, norm)  # the step's one host sync
         lr = self.scheduler.get_last_lr()[0]
-        skipped = self.guard.check(total, grad_norm)
+        skipped = self.guard.check(loss_value, grad_norm)
         if skipped:
             self.optimizer.zero_grad(set_to_none=True)
         else:
             self.optimizer.step()
             self.scheduler.step()
-        return StepResult(total, grad_norm, lr, skipped,
+        return StepResult(loss_value, grad_norm, lr, skipped,
                           sum(b.num_masked for b in micro_batches))
 
     def state_dict(self) -> dict:

@@ -38,7 +38,8 @@ from deepspeed.pipe import LayerSpec, PipelineModule
 from omnidiff.data.tokens.noising import NoisedBatch
 from omnidiff.parallel.dims import ParallelDims, deepspeed_topology, rank_groups
 from omnidiff.parallel.engines.base import (
-    EngineConfig, LossFn, SkipGuard, StepResult, check_micro_batches, check_skip_agrees)
+    EngineConfig, LossFn, SkipGuard, StepResult, check_micro_batches, check_skip_agrees,
+    poison_if_non_finite)
 from omnidiff.parallel.engines.deepspeed_config import deepspeed_config
 from omnidiff.parallel.engines.deepspeed_state import load_optimizer_state, plain_optimizer_state
 from omnidiff.parallel.grad_sync import register_sequence_parallel_grad_sync
@@ -87,9 +88,7 @@ class PipelineLoss:
                  labels: tuple[torch.Tensor, ...]) -> torch.Tensor:
         hidden, weight = outputs
         loss = self.loss_fn(hidden, weight, NoisedBatch(*labels))
-        if not bool(torch.isfinite(loss)):
-            loss = loss * float("nan")
-        return loss
+        return loss * poison_if_non_finite(loss.detach())
 
 
 class OrderedBuilder:
@@ -182,7 +181,8 @@ class PipelineEngine:
         if list(module.parts) != list(range(dims.pp + 1)):
             raise RuntimeError(f"DeepSpeed partitioned the pipeline as {list(module.parts)}, "
                                f"expected one stage per rank {list(range(dims.pp + 1))}")
-        self._sp_hooks = (register_sequence_parallel_grad_sync(module, dims.group("tp"))
+        self._sp_hooks = (register_sequence_parallel_grad_sync(module, dims.group("tp"),
+                                                               dims.device)
                           if cfg.parallel.sequence_parallel else [])
         optimizer = build_optimizer(module, cfg.optimizer)
         # DeepSpeed steps this schedule only after applied (finite) steps.

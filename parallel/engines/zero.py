@@ -32,9 +32,10 @@ import torch.distributed as dist
 
 from omnidiff.data.tokens.noising import NoisedBatch
 from omnidiff.parallel.dims import ParallelDims
+from omnidiff.parallel.collectives import all_reduce
 from omnidiff.parallel.engines.base import (
     EngineConfig, LossFn, ModelWithLoss, SkipGuard, StepResult, check_micro_batches,
-    check_skip_agrees)
+    check_skip_agrees, poison_if_non_finite)
 from omnidiff.parallel.engines.deepspeed_config import deepspeed_config
 from omnidiff.parallel.engines.deepspeed_state import load_optimizer_state, plain_optimizer_state
 from omnidiff.parallel.grad_sync import register_sequence_parallel_grad_sync
@@ -55,9 +56,9 @@ class DeepSpeedEngine:
         self.dims = dims
         self.mpu = MegatronMPU(dims)
         deepspeed.init_distributed(dist_backend=dist.get_backend())
-        self._sp_hooks = (register_sequence_parallel_grad_sync(
-            model, dims.group("tp"))
-            if cfg.parallel.sequence_parallel else [])
+        self._sp_hooks = (register_sequence_parallel_grad_sync(model, dims.group("tp"),
+                                                               dims.device)
+                          if cfg.parallel.sequence_parallel else [])
         # ZeRO and DeepSpeed's bf16 optimizer compute (and skip on) the norm; plain stage 0
         # fp32 hands the step to the torch optimizer, so the norm is taken here.
         self._norm_here = cfg.parallel.zero_stage == 0 and cfg.parallel.precision == "fp32"
@@ -81,12 +82,12 @@ class DeepSpeedEngine:
         expected = self.ds.gradient_accumulation_steps()
         check_micro_batches(len(micro_batches), expected)
         self.ds.train()
-        total, grad_norm = 0.0, None
+        total, grad_norm = torch.zeros((), dtype=torch.float64, device=self.dims.device), None
         for index, noised in enumerate(micro_batches):
             loss = self.ds(noised)
-            total += float(loss.detach())
-            if not math.isfinite(total):
-                loss = loss * float("nan")  # non-finite gradients -> the norm check skips
+            total += loss.detach().double()
+            # non-finite so far -> non-finite gradients, so the norm check skips the step
+            loss = loss * poison_if_non_finite(total)
             self.ds.backward(loss)
             if self._norm_here and index == expected - 1:
                 grad_norm = self._clip_or_discard()  # grads are DP-reduced by now
@@ -114,10 +115,10 @@ class DeepSpeedEngine:
                 p.grad = None
         return norm
 
-    def _dp_mean(self, value: float) -> float:
-        tensor = torch.tensor([value], dtype=torch.float64)
-        dist.all_reduce(tensor, group=self.dims.group("dp"))
-        return float(tensor) / dist.get_world_size(self.dims.group("dp"))
+    def _dp_mean(self, value: torch.Tensor) -> float:
+        """The step's loss averaged over DP: one all-reduce and one host read per step."""
+        all_reduce(value, self.dims.group("dp"), self.dims.device, what="DP loss mean")
+        return value.item() / self.dims.dp
 
     # --- checkpoints: this rank's shard of everything -------------------------------------------
     def state_dict(self) -> dict:
