@@ -10,13 +10,13 @@ cd "$(dirname "$0")/.."
 run() { echo; echo "== $*"; "$@"; }
 
 status=0
-run python -m omnidiff.jobs.gpu_smoke versions || status=$?
+run python -m omnidiff.platform.gpu_smoke versions || status=$?
 if [ "$status" -eq 3 ]; then exit 0; fi
 if [ "$status" -ne 0 ]; then exit "$status"; fi
 gpus=$(python -c "import torch; print(torch.cuda.device_count())")
 
 run python -m pytest -q -m gpu tests
-run env NVTE_DEBUG=1 NVTE_DEBUG_LEVEL=1 python -m omnidiff.jobs.gpu_smoke backend
+run env NVTE_DEBUG=1 NVTE_DEBUG_LEVEL=1 python -m omnidiff.platform.gpu_smoke backend
 
 out=$(mktemp -d)
 tiny=(jobs/configs/tiny.yaml schedule.train_steps=3 logging.progress_bar=false logging.log_interval=1
@@ -33,5 +33,5 @@ fp8=(model.hidden_size=256 model.ffn_hidden_size=512 model.num_attention_heads=4
 for recipe in delayed tensorwise; do
   run omnidiff train "${tiny[@]}" "${fp8[@]}" parallel.fp8_recipe=$recipe output_dir="$out/fp8-$recipe"
 done
-run python -m omnidiff.jobs.gpu_smoke shape
+run python -m omnidiff.platform.gpu_smoke shape
 echo; echo "GPU smoke checks passed; outputs in $out"
