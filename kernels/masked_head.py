@@ -101,7 +101,8 @@ def _blocks(weight: Tensor, block: int):
         yield slice(start, start + block), weight[start:start + block]
 
 
-def _log_normaliser(h_c: Tensor, weight: Tensor, block: int, group: ProcessGroup | None) -> Tensor:
+def _log_normaliser(h_c: Tensor, weight: Tensor, block: int,
+                    group: ProcessGroup | None) -> tuple[Tensor, Tensor]:
     """log sum_v exp(h_c . W_v) over the full vocabulary, one [C, block] logits block at a time
     (online max/sum), combined over the TP ranks' vocabulary shards."""
     running_max = torch.full((h_c.shape[0],), float("-inf"), device=h_c.device)
@@ -115,7 +116,7 @@ def _log_normaliser(h_c: Tensor, weight: Tensor, block: int, group: ProcessGroup
     global_max = _all_reduce(running_max.clone(), torch.distributed.ReduceOp.MAX, group)
     total = _all_reduce(running_sum * torch.exp(running_max - global_max),
                         torch.distributed.ReduceOp.SUM, group)
-    return global_max + total.log()
+    return global_max + total.log(), global_max
 
 
 def _accumulate(out: Tensor, a: Tensor, b: Tensor) -> None:
@@ -149,7 +150,8 @@ class _ChunkedMaskedHead(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor, token_weights: Tensor,
-                chunk_size: int, vocab_block: int, group: ProcessGroup | None) -> Tensor:
+                chunk_size: int, vocab_block: int, group: ProcessGroup | None,
+                stats: list | None) -> Tensor:
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         fp32 = dict(dtype=torch.float32, device=hidden.device)
         grad_h = torch.zeros(hidden.shape, **fp32) if need_h else None
@@ -158,12 +160,15 @@ class _ChunkedMaskedHead(torch.autograd.Function):
         for start in range(0, hidden.shape[0], chunk_size):
             rows = slice(start, start + chunk_size)
             h_c, w_c = hidden[rows], token_weights[rows]
-            log_z = _log_normaliser(h_c, weight, vocab_block, group)
+            log_z, top = _log_normaliser(h_c, weight, vocab_block, group)
             owned, local_ids = _local_targets(targets[rows], weight.shape[0], group)
             target_rows = weight[local_ids]  # [C, h]: the target's row (any row where not owned)
             target_logit = torch.where(owned, (h_c * target_rows).float().sum(dim=1), 0.0)
             _all_reduce(target_logit, torch.distributed.ReduceOp.SUM, group)
             total += ((log_z - target_logit) * w_c).sum()
+            if stats is not None:  # per row: cross-entropy, and whether the target is the top
+                stats.append((log_z - target_logit,
+                              target_logit >= top - 1e-5 * (1 + top.abs())))
             if not (need_h or need_w):
                 continue
             for block, w_b in _blocks(weight, vocab_block):
@@ -190,18 +195,19 @@ class _ChunkedMaskedHead(torch.autograd.Function):
         out = [None if g is None else g.mul_(grad_loss).to(dtype)
                for g, dtype in zip(grads, ctx.dtypes)]
         del grads
-        return out[0], out[1], None, None, None, None, None
+        return out[0], out[1], None, None, None, None, None, None
 
 
 def masked_lm_loss(hidden: Tensor, weight: Tensor, targets: Tensor,
                    token_weights: Tensor | None = None, chunk_size: int = DEFAULT_CHUNK_SIZE,
                    tp_group: ProcessGroup | None = None,
-                   vocab_block: int = DEFAULT_VOCAB_BLOCK) -> Tensor:
+                   vocab_block: int = DEFAULT_VOCAB_BLOCK, stats: list | None = None) -> Tensor:
     """sum_i w_i * CE_i over the full vocabulary, from hidden states at scored positions only.
 
     ``hidden`` [n, h] (replicated over TP), ``weight`` [V_local, h] (this rank's vocab rows),
     ``targets`` [n] global ids. Never materialises more than [chunk_size, vocab_block] logits.
-    The gradients are computed during forward, so backward may run only once.
+    The gradients are computed during forward, so backward may run only once. ``stats``, when
+    given, receives ``(cross-entropy [c], target-is-top-1 [c])`` per chunk (no extra compute).
     """
     for name, value in (("chunk_size", chunk_size), ("vocab_block", vocab_block)):
         if not isinstance(value, int) or value < 1:
@@ -211,7 +217,7 @@ def masked_lm_loss(hidden: Tensor, weight: Tensor, targets: Tensor,
     weights = (torch.ones(targets.shape, device=hidden.device) if token_weights is None
                else token_weights.float())
     return _ChunkedMaskedHead.apply(_copy_to_tp_region(hidden, group), weight, targets,
-                                    weights, chunk_size, vocab_block, group)
+                                    weights, chunk_size, vocab_block, group, stats)
 
 
 def reference_lm_loss(hidden: Tensor, weight: Tensor, labels: Tensor,

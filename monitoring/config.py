@@ -10,6 +10,10 @@ from omnidiff import ConfigSection
 class LoggingConfig(ConfigSection):
     log_interval: int = Field(10, gt=0)
     progress_bar: bool = True
+    progress_label: str = "train"  # the progress bar's name (the curriculum puts the stage's)
+    tensorboard: bool = False
+    # MLflow: the URI from here, else MLFLOW_TRACKING_URI, else a SQLite store in output_dir
+    mlflow: bool = False
     mlflow_tracking_uri: str | None = None
     mlflow_experiment: str = "omnidiff"
-    tensorboard: bool = False
+    mlflow_run_id: str | None = None  # log into this run (the curriculum's stage run)

@@ -11,7 +11,7 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from omnidiff.monitoring.config import LoggingConfig
 
@@ -67,13 +67,55 @@ class TensorBoardSink:
         self.writer.close()
 
 
-def build_sinks(cfg: LoggingConfig, output_dir: str | Path,
-                start_step: int = 0) -> list[MetricSink]:
+RUN_FILE = "mlflow_run.json"
+
+
+def mlflow_sink(cfg: LoggingConfig, output_dir: str | Path, run_name: str,
+                params: dict[str, Any] | None = None) -> MetricSink | None:
+    """The run's MLflow sink: the configured run, else the one this output folder started
+    (so a resumed run continues it), else a new one (logging ``params``); None when the store
+    cannot be reached (one warning, training goes on)."""
+    from omnidiff.monitoring.tracking import MlflowSink, MlflowTracker, start_run, tracking_uri
+
+    uri = tracking_uri(cfg.mlflow_tracking_uri, output_dir)
+    record = Path(output_dir) / RUN_FILE
+    run_id = cfg.mlflow_run_id
+    if run_id is None and record.is_file():
+        run_id = json.loads(record.read_text()).get("run_id")
+    created = run_id is None
+    if created:
+        run_id = start_run(uri, cfg.mlflow_experiment, run_name)
+        if run_id is None:
+            return None
+        record.write_text(json.dumps({"tracking_uri": uri, "run_id": run_id}))
+    tracker = MlflowTracker(uri, run_id)
+    if created and params:
+        tracker.log_params(params)
+    return MlflowSink(tracker)
+
+
+def build_sinks(cfg: LoggingConfig, output_dir: str | Path, start_step: int = 0,
+                run_name: str = "omnidiff", params: dict[str, Any] | None = None
+                ) -> list[MetricSink]:
     """The sinks ``cfg`` asks for (JSONL always), continuing after ``start_step``."""
     sinks: list[MetricSink] = [JsonlSink(output_dir, start_step)]
     if cfg.tensorboard:
         sinks.append(TensorBoardSink(output_dir, start_step))
+    if cfg.mlflow and (sink := mlflow_sink(cfg, output_dir, run_name, params)) is not None:
+        sinks.append(sink)
     return sinks
+
+
+def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``: a nested config as MLflow params."""
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat |= flatten(value, f"{name}.")
+        else:
+            flat[name] = value
+    return flat
 
 
 def read_metrics(output_dir: str | Path) -> list[dict]:

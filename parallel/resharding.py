@@ -193,3 +193,19 @@ def to_transformer_engine_names(state: Mapping[str, Tensor]) -> dict[str, Tensor
 def to_portable_names(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """A TE-spec state dict under the portable spec's parameter names."""
     return _renamed(state, {te: portable for portable, te in TE_PARAMETER_NAMES.items()})
+
+
+def load_tp_shard(module: torch.nn.Module, full: Mapping[str, Tensor], names: Mapping[str, str],
+                  rank: int, tp: int) -> None:
+    """Load this TP rank's slices of ``full`` (TP=1 names) into ``module``; ``names`` maps each
+    of the module's weight keys to its TP=1 name. Every weight must be given, with its shape."""
+    own = module.state_dict()
+    missing = sorted(name for key, name in names.items() if name not in full)
+    if missing:
+        raise ReshardingError(f"initial weights lack {len(missing)} tensors, e.g. {missing[:3]}")
+    shards = {key: shard(full[name], layout_of(name), rank, tp) for key, name in names.items()}
+    wrong = [f"{key} {tuple(value.shape)} != {tuple(own[key].shape)}"
+             for key, value in shards.items() if value.shape != own[key].shape]
+    if wrong:
+        raise ReshardingError(f"initial weights do not fit the model: {wrong[0]}")
+    module.load_state_dict(shards, strict=False)

@@ -11,7 +11,7 @@ naming the offending ``section.key``.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import Field, ValidationError, model_validator
@@ -31,6 +31,10 @@ class CheckpointConfig(ConfigSection):
     save_interval: int = Field(0, ge=0)  # 0: save only at the end
     keep_last: int = Field(2, ge=1)
     resume: str = "none"  # "none", "auto" or a checkpoint directory
+    # weights to start from when there is nothing to resume: a Hugging Face folder (Dream,
+    # stock Qwen2, or an omnidiff export); vocabulary rows it lacks are initialised by init_new_rows
+    init_from: str | None = None
+    init_new_rows: Literal["normal", "mean"] = "normal"
 
 
 class RunConfig(ConfigSection):

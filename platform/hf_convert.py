@@ -11,11 +11,12 @@ Both RoPE implementations use the rotate-half layout, so no row permutation is n
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 
 from omnidiff.platform.config import ModelConfig
-from omnidiff.platform.hf_model import OmniDiffusionConfig
+from omnidiff.platform.hf_model import OmniDiffusionConfig, resolve_rope_theta
 
 Tensor = torch.Tensor
 
@@ -33,10 +34,38 @@ _LAYER_RENAMES = (
 )
 
 
+# HF config key -> run config ``model`` key, for the shape facts both spell out.
+HF_MODEL_KEYS = (("hidden_size", "hidden_size"), ("num_hidden_layers", "num_layers"),
+                 ("num_attention_heads", "num_attention_heads"),
+                 ("num_key_value_heads", "num_query_groups"),
+                 ("intermediate_size", "ffn_hidden_size"), ("rms_norm_eps", "norm_eps"))
+DEFAULT_ROPE_THETA = 10_000.0  # transformers' default when a config names no RoPE base
+
+
+def model_fields_from_hf(hf: Mapping[str, Any]) -> dict[str, Any]:
+    """The run config's ``model`` keys an HF ``config.json`` (Qwen2, Dream or OmniDiffusion
+    spelling) fixes; raises ``KeyError`` naming a missing HF key, ``ValueError`` for RoPE the
+    model does not implement."""
+    hf = dict(hf)
+    hf.setdefault("num_key_value_heads", hf.get("num_attention_heads"))
+    fields = {}
+    for theirs, ours in HF_MODEL_KEYS:
+        if hf.get(theirs) is None:
+            raise KeyError(f"HF config has no {theirs!r}")
+        fields[ours] = hf[theirs]
+    fields["rope_theta"] = resolve_rope_theta(hf.get("rope_theta", DEFAULT_ROPE_THETA),
+                                              hf.get("rope_parameters"), hf.get("rope_scaling"))
+    if hf.get("max_position_embeddings"):
+        fields["max_position_embeddings"] = hf["max_position_embeddings"]
+    return fields
+
+
 def hf_config_from(model_cfg: ModelConfig, vocab_size: int, *, mask_token_id: int,
                    pad_token_id: int, eos_token_id: int | None = None,
-                   label_shift: bool = True) -> OmniDiffusionConfig:
-    """The HF config for a platform model shape; ``vocab_size`` is the (padded) embedding rows."""
+                   label_shift: bool = True,
+                   real_vocab_size: int | None = None) -> OmniDiffusionConfig:
+    """The HF config for a platform model shape; ``vocab_size`` is the (padded) embedding rows,
+    ``real_vocab_size`` the ids that are tokens."""
     return OmniDiffusionConfig(
         vocab_size=vocab_size,
         hidden_size=model_cfg.hidden_size,
@@ -53,13 +82,14 @@ def hf_config_from(model_cfg: ModelConfig, vocab_size: int, *, mask_token_id: in
         pad_token_id=pad_token_id,
         eos_token_id=pad_token_id if eos_token_id is None else eos_token_id,
         label_shift=label_shift,
+        real_vocab_size=real_vocab_size,
     )
 
 
 def megatron_to_hf(state_dict: Mapping[str, Tensor], model_cfg: ModelConfig) -> dict[str, Tensor]:
     """TP=1 megatron-core state dict -> HF ``OmniDiffusionForMaskedDiffusion`` state dict."""
     src = {k: v for k, v in state_dict.items() if not k.endswith("._extra_state")}
-    _check(src, _megatron_shapes(model_cfg, _rows(src, "embedding.weight")), "megatron")
+    _check(src, megatron_shapes(model_cfg, _rows(src, "embedding.weight")), "megatron")
     return _to_hf(src, model_cfg)
 
 
@@ -116,7 +146,7 @@ def _fuse_qkv(q: Tensor, k: Tensor, v: Tensor, model_cfg: ModelConfig) -> Tensor
     return grouped.reshape(-1, *rest)
 
 
-def _megatron_shapes(model_cfg: ModelConfig, vocab_rows: int) -> dict[str, tuple[int, ...]]:
+def megatron_shapes(model_cfg: ModelConfig, vocab_rows: int) -> dict[str, tuple[int, ...]]:
     """Every tensor of the TP=1 megatron model and its shape: the one shape table."""
     h, f, d = model_cfg.hidden_size, model_cfg.ffn_hidden_size, model_cfg.head_dim
     nq, ng = model_cfg.num_attention_heads, model_cfg.num_query_groups
@@ -136,7 +166,7 @@ def _megatron_shapes(model_cfg: ModelConfig, vocab_rows: int) -> dict[str, tuple
 def _hf_shapes(model_cfg: ModelConfig, vocab_rows: int) -> dict[str, tuple[int, ...]]:
     """The HF shapes, derived from the megatron table by converting shape-only tensors."""
     meta = {key: torch.empty(shape, device="meta")
-            for key, shape in _megatron_shapes(model_cfg, vocab_rows).items()}
+            for key, shape in megatron_shapes(model_cfg, vocab_rows).items()}
     return {k: tuple(v.shape) for k, v in _to_hf(meta, model_cfg).items()}
 
 

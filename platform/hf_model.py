@@ -8,21 +8,53 @@ attend block-diagonally by ``segment_ids``, and the embedding has no ``padding_i
 ``<|endoftext|>`` is also a trained target). ``forward`` returns raw logits; ``config.label_shift``
 tells the caller that the logit at position i predicts token i+1 (Dream), and the sampler and loss
 apply that shift, exactly as for the megatron-core model.
+
+``forward(input_ids, attention_mask, position_ids)`` is Qwen2's / Dream's argument order, and the
+attention mask takes Dream's forms too (``"full"``, a boolean ``[b, 1, s, s]``), so Dream's own
+``diffusion_generate`` can drive this class. The file imports only torch and transformers: an
+export copies it next to the weights as ``modeling_omnidiffusion.py`` (``trust_remote_code``).
 """
 
 from __future__ import annotations
 
+from typing import Union
+
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
+from transformers import (AutoConfig, AutoModel, AutoModelForMaskedLM, PretrainedConfig,
+                          PreTrainedModel)
 from transformers.modeling_outputs import MaskedLMOutput
+
+
+def resolve_rope_theta(rope_theta: float | None, rope_parameters: dict | None,
+                       rope_scaling: dict | None = None) -> float | None:
+    """The RoPE base wherever a config keeps it: ``rope_parameters`` (transformers 5), else
+    the legacy ``rope_scaling`` dict, else the top-level ``rope_theta`` (Dream, transformers 4).
+    Scaled RoPE (linear, yarn, llama3 ...) and partial rotary embeddings are refused: this model
+    implements neither, and ignoring them would silently change the function."""
+    for key, params in (("rope_parameters", rope_parameters), ("rope_scaling", rope_scaling)):
+        if not params:
+            continue
+        if not isinstance(params, dict) or any(isinstance(v, dict) for v in params.values()):
+            raise ValueError(f"{key} {params!r}: per-layer RoPE settings are not supported")
+        kind = params.get("rope_type", params.get("type", "default"))
+        if kind != "default":
+            raise ValueError(f"{key}: rope_type {kind!r} is not implemented (OmniDiffusion uses "
+                             "plain RoPE, rope_type 'default')")
+        if params.get("partial_rotary_factor", 1.0) != 1.0:
+            raise ValueError(f"{key}: partial_rotary_factor != 1 is not implemented")
+        if "rope_theta" in params:
+            return float(params["rope_theta"])
+    return rope_theta
 
 
 class OmniDiffusionConfig(PretrainedConfig):
     """Qwen2-style shape fields plus the diffusion facts. Defaults are Dream-7B with the
     Omni-Diffusion vocabulary (REFERENCE §1-2). ``vocab_size`` is the number of embedding rows
-    (padded), as Dream's own 152,064."""
+    (padded), as Dream's own 152,064; ``real_vocab_size`` (when known) the ids that are tokens.
+    The RoPE base is read from ``rope_parameters`` or a top-level ``rope_theta``
+    (:func:`resolve_rope_theta`) and written to both."""
 
     model_type = "omnidiffusion"
 
@@ -35,6 +67,8 @@ class OmniDiffusionConfig(PretrainedConfig):
         num_attention_heads: int = 28,
         num_key_value_heads: int = 4,
         rope_theta: float = 1_000_000.0,
+        rope_parameters: dict | None = None,
+        rope_scaling: dict | None = None,
         rms_norm_eps: float = 1e-6,
         max_position_embeddings: int = 131_072,
         initializer_range: float = 0.02,
@@ -44,6 +78,7 @@ class OmniDiffusionConfig(PretrainedConfig):
         eos_token_id: int | None = 151_643,
         label_shift: bool = True,
         tie_word_embeddings: bool = False,
+        real_vocab_size: int | None = None,
         **kwargs,
     ) -> None:
         if hidden_size % num_attention_heads:
@@ -60,13 +95,15 @@ class OmniDiffusionConfig(PretrainedConfig):
         self.num_hidden_layers = num_hidden_layers
         self.num_attention_heads = num_attention_heads
         self.num_key_value_heads = num_key_value_heads
-        self.rope_theta = rope_theta
+        self.rope_theta = resolve_rope_theta(rope_theta, rope_parameters, rope_scaling)
+        self.rope_parameters = {"rope_type": "default", "rope_theta": self.rope_theta}
         self.rms_norm_eps = rms_norm_eps
         self.max_position_embeddings = max_position_embeddings
         self.initializer_range = initializer_range
         self.attention_bias = attention_bias
         self.mask_token_id = mask_token_id
         self.label_shift = label_shift
+        self.real_vocab_size = real_vocab_size
         super().__init__(pad_token_id=pad_token_id, eos_token_id=eos_token_id,
                          tie_word_embeddings=tie_word_embeddings, **kwargs)
 
@@ -118,25 +155,50 @@ def packed_position_ids(segment_ids: torch.Tensor) -> torch.Tensor:
     return index - torch.where(starts, index, 0).cummax(dim=-1).values
 
 
+# None / "full" / [b, s] 0-1 / boolean [b, 1, s, s]; typing.Union: older Pythons load this file too
+AttentionMask = Union[torch.Tensor, str, None]
+
+
 def attention_allowed(segment_ids: torch.Tensor | None,
-                      attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+                      attention_mask: AttentionMask) -> torch.Tensor | None:
     """Boolean ``[b, 1, s, s]`` mask (True = may attend), or None for full attention.
 
-    Query i sees key j iff they share a segment id and key j is real. Every query also sees
-    itself, so a padding query whose keys are all masked stays finite instead of NaN (its output
-    is never used; real queries always see themselves anyway).
+    ``attention_mask`` is None or ``"full"`` (Dream: attend everywhere), ``[b, s]`` of 0/1
+    (1 = real key) or a boolean ``[b, 1, s, s]`` (Dream's padded batches: True = may attend).
+    Query i sees key j iff every given mask allows it and, with ``segment_ids``, both share a
+    segment. Every query also sees itself, so a padding query whose keys are all masked stays
+    finite instead of NaN (its output is never used; real queries always see themselves anyway).
     """
+    if isinstance(attention_mask, str):
+        if attention_mask != "full":
+            raise ValueError(f"attention_mask {attention_mask!r}: the only string form is 'full'")
+        attention_mask = None
     if segment_ids is None and attention_mask is None:
         return None
     ref = segment_ids if segment_ids is not None else attention_mask
-    b, s = ref.shape
-    allowed = torch.ones(b, s, s, dtype=torch.bool, device=ref.device)
+    b, s = ref.shape[0], ref.shape[-1]
+    allowed = torch.ones(b, 1, s, s, dtype=torch.bool, device=ref.device)
     if segment_ids is not None:
-        allowed &= segment_ids[:, :, None] == segment_ids[:, None, :]
+        allowed &= (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
     if attention_mask is not None:
-        allowed &= attention_mask.bool()[:, None, :]
-    allowed |= torch.eye(s, dtype=torch.bool, device=ref.device)
-    return allowed[:, None]
+        allowed &= _as_allowed(attention_mask, b, s)
+    return allowed | torch.eye(s, dtype=torch.bool, device=ref.device)
+
+
+def _as_allowed(attention_mask: torch.Tensor, b: int, s: int) -> torch.Tensor:
+    """A ``[b, s]`` key mask or a ``[b, 1, s, s]`` boolean mask as ``[b, 1, s, s]`` booleans."""
+    if attention_mask.dim() == 4:
+        if attention_mask.dtype != torch.bool or attention_mask.shape[-2:] != (s, s):
+            raise ValueError(f"a 4-D attention_mask must be boolean [b, 1, {s}, {s}] (True = may "
+                             f"attend), got {attention_mask.dtype} {tuple(attention_mask.shape)}")
+        return attention_mask
+    if attention_mask.shape != (b, s):
+        raise ValueError(f"attention_mask must be [batch, seq] = {(b, s)}, "
+                         f"got {tuple(attention_mask.shape)}")
+    if attention_mask.dtype != torch.bool and ((attention_mask != 0) & (attention_mask != 1)).any():
+        raise ValueError("attention_mask [batch, seq] must hold 0/1 (1 = real token); "
+                         "positions go in position_ids")
+    return attention_mask.bool()[:, None, None, :]
 
 
 class OmniDiffusionAttention(nn.Module):
@@ -226,9 +288,9 @@ class OmniDiffusionModel(OmniDiffusionPreTrainedModel):
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.embed_tokens = value
 
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
-                segment_ids: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, attention_mask: AttentionMask = None,
+                position_ids: torch.Tensor | None = None,
+                segment_ids: torch.Tensor | None = None) -> torch.Tensor:
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
         if position_ids is None:
@@ -267,15 +329,17 @@ class OmniDiffusionForMaskedDiffusion(OmniDiffusionPreTrainedModel):
     def set_output_embeddings(self, value: nn.Linear) -> None:
         self.lm_head = value
 
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
-                segment_ids: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None) -> MaskedLMOutput:
+    def forward(self, input_ids: torch.Tensor, attention_mask: AttentionMask = None,
+                position_ids: torch.Tensor | None = None,
+                segment_ids: torch.Tensor | None = None) -> MaskedLMOutput:
         """``segment_ids`` (1, 2, ... per packed sample, 0 = unused tail) make attention
-        block-diagonal; ``attention_mask`` (1 = real token) hides padding keys; positions
-        default to restarting per segment (or 0..s-1 without segments)."""
-        hidden = self.model(input_ids, position_ids, segment_ids, attention_mask)
+        block-diagonal; ``attention_mask`` hides keys (see :func:`attention_allowed`: ``[b, s]``
+        0/1, Dream's ``"full"`` or boolean ``[b, 1, s, s]``); positions default to restarting
+        per segment (or 0..s-1 without segments). Arguments in Qwen2's / Dream's order."""
+        hidden = self.model(input_ids, attention_mask, position_ids, segment_ids)
         return MaskedLMOutput(logits=self.lm_head(hidden))
 
 
 AutoConfig.register(OmniDiffusionConfig.model_type, OmniDiffusionConfig, exist_ok=True)
 AutoModel.register(OmniDiffusionConfig, OmniDiffusionForMaskedDiffusion, exist_ok=True)
+AutoModelForMaskedLM.register(OmniDiffusionConfig, OmniDiffusionForMaskedDiffusion, exist_ok=True)

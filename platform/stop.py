@@ -19,11 +19,17 @@ class StopRequest:
 
     def __init__(self) -> None:
         self.signal_name: str | None = None
+        self._previous: dict = {}
 
     def install(self) -> StopRequest:
-        for sig in SIGNALS:
-            signal.signal(sig, self._handle)
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in SIGNALS}
         return self
+
+    def restore(self) -> None:
+        """The handlers from before :meth:`install` (training is over)."""
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
 
     @property
     def requested(self) -> bool:

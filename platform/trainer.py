@@ -12,18 +12,22 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
 
 from omnidiff.data.streams.batches import batch_stream, noised_micro_batches
 from omnidiff.data.streams.sources import build_sample_source
 from omnidiff.data.tokens.noising import NoisedBatch
 from omnidiff.data.tokens.packing import sample_lengths
+from omnidiff.data.tokens.tasks import TASKS
 from omnidiff.data.tokens.text import build_vocab
 from omnidiff.monitoring.flops import training_flops
 from omnidiff.monitoring.metrics import MetricsLogger
-from omnidiff.monitoring.sinks import build_sinks
+from omnidiff.monitoring.sinks import build_sinks, flatten
+from omnidiff.monitoring.system import system_metrics
 from omnidiff.monitoring.throughput import ThroughputMeter
 from omnidiff.parallel import topology
+from omnidiff.parallel.collectives import all_reduce
 from omnidiff.parallel.engines import build_engine
 from omnidiff.parallel.engines.base import TrainEngine
 from omnidiff.platform import checkpoint
@@ -54,8 +58,11 @@ class Trainer:
         self.output_dir = Path(cfg.output_dir)
         self.vocab, tokenizer = build_vocab(cfg.data)
         self.vocab_size = self.vocab.padded_size(cfg.parallel.tensor_parallel)
-        self.engine: TrainEngine = build_engine(cfg, self.dims, self.vocab_size,
-                                                DiffusionObjective(cfg.diffusion))
+        # Resume wins over init_from: a restarted stage continues its own checkpoints.
+        self.resume_path = checkpoint.resolve_resume(cfg.checkpoint.resume, self.output_dir)
+        self.objective = DiffusionObjective(cfg.diffusion)
+        self.engine: TrainEngine = build_engine(cfg, self.dims, self.vocab_size, self.objective,
+                                                None if self.resume_path else self._init_weights())
         source = build_sample_source(cfg.data, cfg.seed, self.vocab, tokenizer,
                                      self.dims.dp_rank, self.dims.dp)
         self.batches = batch_stream(source, cfg.data, cfg.diffusion, self.vocab, cfg.seed,
@@ -76,6 +83,24 @@ class Trainer:
             return batches
         return [b.pin_memory().to(self.dims.device, non_blocking=True) for b in batches]
 
+    def _task_metrics(self) -> dict[str, float]:
+        """Masked-token loss and top-1 accuracy, overall and per task, summed over DP (the
+        objective collected them during the step). Not under PP: rank 0 holds no loss."""
+        stats = self.objective.take_stats()
+        if self.dims.pp > 1:
+            return {}
+        if stats is None:
+            stats = torch.zeros(3, len(TASKS) + 1, dtype=torch.float64)
+        stats = all_reduce(stats.to(self.dims.device), self.dims.group("dp"), self.dims.device,
+                           what="task metrics").cpu()
+        count, ce, hits = stats
+        out = {"masked_accuracy": float(hits.sum() / count.sum().clamp(min=1))}
+        for index, task in enumerate(TASKS, start=1):
+            if count[index] > 0:
+                out[f"loss/{task}"] = float(ce[index] / count[index])
+                out[f"accuracy/{task}"] = float(hits[index] / count[index])
+        return out
+
     def _measure(self, micro_batches: list[NoisedBatch]) -> None:
         """Tokens and model FLOPs of this rank's micro-batches, scaled to the whole DP group."""
         lengths = [n for b in micro_batches for n in sample_lengths(b.segment_ids)]
@@ -91,13 +116,26 @@ class Trainer:
         return checkpoint.save(self.output_dir, step, state, self.cfg.checkpoint.keep_last,
                                meta={"config": self.cfg.model_dump(mode="json")})
 
+    def _init_weights(self) -> dict | None:
+        """Full (TP=1) weights from ``checkpoint.init_from``, resized to this vocabulary."""
+        folder = self.cfg.checkpoint.init_from
+        if folder is None:
+            return None
+        from omnidiff.platform.hf_import import megatron_weights_from_hf
+
+        log.info("initialising from %s", folder)
+        return megatron_weights_from_hf(folder, self.cfg.model, self.vocab_size,
+                                        self.vocab.text_size, self.cfg.checkpoint.init_new_rows,
+                                        self.cfg.seed)
+
     def _resume(self) -> int:
-        path = checkpoint.resolve_resume(self.cfg.checkpoint.resume, self.output_dir)
+        path = self.resume_path
         if path is None:
             return 0
         state = checkpoint.load(path)
         self.engine.load_state_dict(state["engine"])
-        self.batches.load_state_dict(state["data"])
+        if "data" in state:  # absent in checkpoints written by omnidiff import
+            self.batches.load_state_dict(state["data"])
         log.info("resumed from %s (step %d)", path, state["step"])
         return state["step"]
 
@@ -110,24 +148,31 @@ class Trainer:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             (self.output_dir / "config.yaml").write_text(dump_config(cfg))
         start = self._resume()
-        sinks = build_sinks(cfg.logging, self.output_dir, start) if self.dims.is_main else []
+        sinks = (build_sinks(cfg.logging, self.output_dir, start, cfg.name,
+                             flatten(cfg.model_dump(mode="json")))
+                 if self.dims.is_main else [])
         metrics = MetricsLogger(sinks)
         summary = TrainSummary(last_step=start)
         began = time.perf_counter()
         bar = tqdm(range(start, cfg.schedule.train_steps), initial=start,
-                   total=cfg.schedule.train_steps, desc="train", unit="step",
+                   total=cfg.schedule.train_steps, desc=cfg.logging.progress_label, unit="step",
                    disable=not (cfg.logging.progress_bar and self.dims.is_main))
         for step in bar:
+            done = step + 1
+            logging_step = (done % cfg.logging.log_interval == 0
+                            or done == cfg.schedule.train_steps)
+            self.objective.collect = logging_step
             result = self.engine.train_step(self._on_device(self._micro_batches(step)))
             summary.losses.append(result.loss)
             summary.skipped_steps += int(result.skipped)
-            summary.last_step = done = step + 1
+            summary.last_step = done
             bar.set_postfix(loss=f"{result.loss:.3f}", lr=f"{result.lr:.2e}")
             stopping = self.dims.any_rank(self.stop.requested)
-            if done % cfg.logging.log_interval == 0 or done == cfg.schedule.train_steps or stopping:
+            if logging_step or stopping:
                 metrics.log(done, {"loss": result.loss, "grad_norm": result.grad_norm,
                                    "lr": result.lr, "masked_tokens": result.num_masked,
                                    "skipped_steps": summary.skipped_steps,
+                                   **self._task_metrics(), **system_metrics(),
                                    **self.meter.report(), **self.batches.metrics()})
             interval = cfg.checkpoint.save_interval
             due = (interval and done % interval == 0) or done == cfg.schedule.train_steps
@@ -139,4 +184,5 @@ class Trainer:
         summary.steps = len(summary.losses)
         summary.seconds = time.perf_counter() - began
         metrics.close()
+        self.stop.restore()
         return summary

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from transformers import AutoConfig, AutoModel
@@ -42,7 +44,8 @@ def test_packed_rows_equal_each_sample_alone():
     model = _model()
     rows = [_samples([5, 7, 3], seed=1), _samples([9, 4], seed=2)]
     batch = collate_rows(rows, seq_length=20, pad_id=PAD)  # both rows have a padding tail
-    packed = model(batch.input_ids, batch.position_ids, batch.segment_ids).logits
+    packed = model(batch.input_ids, position_ids=batch.position_ids,
+                   segment_ids=batch.segment_ids).logits
     assert packed.shape == (2, 20, VOCAB)
     for r, row in enumerate(rows):
         start = 0
@@ -169,3 +172,83 @@ def test_dream_7b_parameter_count_on_meta_device():
         model = OmniDiffusionForMaskedDiffusion(config)
     count = sum(p.numel() for p in model.parameters())
     assert abs(count - 7.79e9) / 7.79e9 < 0.01, count
+
+
+# --- RoPE base location (failed before: rope_parameters was ignored, theta fell back to 1e6) ---
+def test_rope_theta_is_read_from_rope_parameters_of_a_stock_qwen2_config(tmp_path):
+    from transformers import Qwen2Config
+
+    Qwen2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                num_attention_heads=4, num_key_value_heads=2,
+                rope_theta=10_000.0).save_pretrained(tmp_path)
+    written = json.loads((tmp_path / "config.json").read_text())
+    assert "rope_theta" not in written and written["rope_parameters"]["rope_theta"] == 10_000.0
+    assert OmniDiffusionConfig.from_pretrained(tmp_path).rope_theta == 10_000.0
+
+
+def test_rope_theta_at_the_top_level_and_round_trip(tmp_path):
+    dream_style = {"hidden_size": 32, "num_attention_heads": 4, "num_key_value_heads": 2,
+                   "rope_theta": 10_000.0, "rope_scaling": None}  # Dream / transformers 4
+    config = OmniDiffusionConfig.from_dict(dream_style)
+    assert config.rope_theta == 10_000.0
+    config.save_pretrained(tmp_path)
+    written = json.loads((tmp_path / "config.json").read_text())
+    assert written["rope_parameters"] == {"rope_type": "default", "rope_theta": 10_000.0}
+    assert OmniDiffusionConfig.from_pretrained(tmp_path).rope_theta == 10_000.0
+
+
+@pytest.mark.parametrize("key, params, match", [
+    ("rope_parameters", {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}, "'yarn'"),
+    ("rope_scaling", {"type": "linear", "factor": 2.0}, "'linear'"),
+    ("rope_parameters", {"rope_type": "default", "rope_theta": 1e4,
+                         "partial_rotary_factor": 0.5}, "partial_rotary_factor")])
+def test_rope_scaling_the_model_does_not_implement_is_refused(key, params, match):
+    with pytest.raises(ValueError, match=match) as err:
+        OmniDiffusionConfig(hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+                            **{key: params})
+    assert "\n" not in str(err.value)
+
+
+# --- Dream's call styles (failed before: the second positional argument was position_ids) ---
+@torch.no_grad()
+def test_dream_full_attention_string_and_positional_order():
+    model = _model()
+    ids = _samples([9])[0].tokens[None]
+    expected = model(ids).logits
+    # Dream's diffusion_generate calls self(x, attention_mask, tok_idx) positionally.
+    torch.testing.assert_close(model(ids, "full", None).logits, expected, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="'full'"):
+        model(ids, "causal")
+
+
+@torch.no_grad()
+def test_dream_padded_batch_with_a_4d_boolean_mask():
+    """Dream's left-padded batch: ``[b, 1, s, s]`` = real query AND real key, positions from
+    the cumulative sum of the 2-D mask; the real tokens see exactly what they would alone."""
+    model = _model()
+    samples = [s.tokens for s in _samples([7, 4], seed=5)]
+    width = max(len(t) for t in samples)
+    rows = torch.stack([torch.cat([torch.full((width - len(t),), PAD), t]) for t in samples])
+    mask = torch.stack([torch.arange(width) >= width - len(t) for t in samples]).long()
+    tok_idx = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+    square = torch.logical_and(mask[:, None, None, :].bool(), mask[:, None, :, None].bool())
+    logits = model(rows, square, tok_idx).logits
+    assert torch.isfinite(logits).all()  # padding queries see only themselves: no NaN
+    for row, tokens in enumerate(samples):
+        alone = model(tokens[None]).logits[0]
+        torch.testing.assert_close(logits[row, width - len(tokens):], alone, atol=1e-5, rtol=0)
+    # The same batch with the HF-style [b, s] mask, positionally.
+    key_only = model(rows, mask, tok_idx).logits
+    for row, tokens in enumerate(samples):
+        torch.testing.assert_close(key_only[row, width - len(tokens):],
+                                   logits[row, width - len(tokens):], atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
+def test_stale_positional_position_ids_are_refused():
+    model = _model()
+    batch = collate_rows([_samples([5, 6])], seq_length=12, pad_id=PAD)
+    with pytest.raises(ValueError, match="position_ids"):
+        model(batch.input_ids, batch.position_ids)  # the old (ids, positions, segments) order
+    with pytest.raises(ValueError, match="boolean"):
+        model(batch.input_ids, torch.zeros(1, 1, 12, 12))

@@ -61,7 +61,8 @@ def _megatron_logits(model, batch) -> torch.Tensor:
 @torch.no_grad()
 def _assert_same_logits(megatron_model, hf_model) -> None:
     batch = _packed_batch()
-    expected = hf_model(batch.input_ids, batch.position_ids, batch.segment_ids).logits
+    expected = hf_model(batch.input_ids, position_ids=batch.position_ids,
+                        segment_ids=batch.segment_ids).logits
     got = _megatron_logits(megatron_model, batch)
     real = batch.segment_ids > 0  # the padding tail's outputs are never used
     assert got.shape == expected.shape == (2, 24, VOCAB)

@@ -71,6 +71,7 @@ class NoisedBatch:
     mask_level: torch.Tensor  # [b, s] the threshold/t each token was masked with
     scored_rows: torch.Tensor  # [n] long: row of every masked target, in loss_mask order
     scored_cols: torch.Tensor  # [n] long: its position in the row
+    scored_tasks: torch.Tensor  # [n] long: its sample's task (index in TASKS, -1 unknown)
     cu_seqlens: torch.Tensor  # [runs + 1] int32: packed sequences of the flattened rows
 
     @property
@@ -161,5 +162,7 @@ def noise_batch(batch: PackedBatch, cfg: DiffusionConfig, mask_id: int,
         mask_level=level,
         scored_rows=rows,
         scored_cols=cols,
+        scored_tasks=(batch.task_ids[rows, cols] if batch.task_ids is not None
+                      else torch.full_like(rows, -1)),
         cu_seqlens=packed_cu_seqlens(batch.segment_ids),
     )

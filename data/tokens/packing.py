@@ -11,6 +11,8 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
+from omnidiff.data.tokens.tasks import TASKS
+
 
 @dataclass
 class TokenSample:
@@ -51,6 +53,7 @@ class PackedBatch:
     position_ids: torch.Tensor
     num_samples: int = 0
     task_counts: dict[str, int] = field(default_factory=dict)
+    task_ids: torch.Tensor | None = None  # [batch, seq]: index in TASKS, -1 unknown / padding
 
     def to(self, device: torch.device | str) -> PackedBatch:
         moved = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -108,6 +111,7 @@ def collate_rows(rows: list[list[TokenSample]], seq_length: int, pad_id: int) ->
     tail_pad_mask = torch.zeros(shape, dtype=torch.bool)
     segment_ids = torch.zeros(shape, dtype=torch.long)
     position_ids = torch.zeros(shape, dtype=torch.long)
+    task_ids = torch.full(shape, -1, dtype=torch.long)
     task_counts: dict[str, int] = {}
     for r, row in enumerate(rows):
         start = 0
@@ -118,10 +122,11 @@ def collate_rows(rows: list[list[TokenSample]], seq_length: int, pad_id: int) ->
             tail_pad_mask[r, start:end] = sample.tail_pad_mask
             segment_ids[r, start:end] = index
             position_ids[r, start:end] = torch.arange(len(sample))
+            task_ids[r, start:end] = TASKS.index(sample.task) if sample.task in TASKS else -1
             task_counts[sample.task] = task_counts.get(sample.task, 0) + 1
             start = end
     return PackedBatch(input_ids, target_mask, tail_pad_mask, segment_ids, position_ids,
-                       sum(len(r) for r in rows), task_counts)
+                       sum(len(r) for r in rows), task_counts, task_ids)
 
 
 def sample_lengths(segment_ids: torch.Tensor) -> list[int]:

@@ -19,14 +19,12 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from omnidiff.data.tokens.packing import TokenSample
+from omnidiff.data.tokens.tasks import TASKS
 from omnidiff.data.tokens.vocab import TextTokenizer, UnifiedVocab
 
 IMAGE_PLACEHOLDER = "<image>"
 SPEECH_PLACEHOLDER = "<speech>"
 ROLES = ("system", "user", "assistant")
-
-TASKS = ("captioning", "vqa", "text_to_image", "asr", "tts", "speech_to_image", "spoken_vqa",
-         "text")
 
 TEXT_TO_IMAGE_PROMPT = "Generate an image based on the provided text description."
 ASR_PROMPT = "Convert the speech to text."

@@ -77,9 +77,8 @@ class HFTextTokenizer:
             raise FileNotFoundError(f"text tokenizer directory not found: {directory}")
         self._tok = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
         missing = [t for t in CHAT_SPECIALS if self._tok.convert_tokens_to_ids(t) in (None, self._tok.unk_token_id)]
-        if missing:
-            self._tok.add_special_tokens({"additional_special_tokens": missing},
-                                         replace_additional_special_tokens=False)
+        if missing:  # add_tokens(special_tokens=True): the same on transformers 4 and 5
+            self._tok.add_tokens(missing, special_tokens=True)
 
     def __len__(self) -> int:
         return len(self._tok)

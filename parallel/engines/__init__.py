@@ -12,19 +12,25 @@ they are given.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
+import torch
+
 from omnidiff.parallel import topology
 from omnidiff.parallel.dims import ParallelDims
 from omnidiff.parallel.engines.base import EngineConfig, LossFn, TrainEngine
 from omnidiff.parallel.model import OmniDiffusionTransformer, build_model, transformer_config
+from omnidiff.parallel.resharding import is_weight, load_tp_shard
 from omnidiff.parallel.specs import layer_spec_for
 
 
-def build_engine(cfg: EngineConfig, dims: ParallelDims, vocab_size: int,
-                 loss_fn: LossFn) -> TrainEngine:
+def build_engine(cfg: EngineConfig, dims: ParallelDims, vocab_size: int, loss_fn: LossFn,
+                 initial_weights: Mapping[str, torch.Tensor] | None = None) -> TrainEngine:
     """Seed, build the model (this rank's shard) and wrap it in the engine the config needs.
 
     Seeding is :func:`omnidiff.parallel.topology.seed`: the shards are slices of the TP=1 model
-    of the same seed.
+    of the same seed. ``initial_weights`` (TP=1 names, e.g. a previous stage's export) replace
+    the initialisation before any optimizer exists.
     """
     dims.check_config(cfg.parallel)
     topology.seed(cfg.seed)
@@ -40,10 +46,14 @@ def build_engine(cfg: EngineConfig, dims: ParallelDims, vocab_size: int,
                 post_process=stage == dims.pp - 1, num_layers=config.num_layers // dims.pp,
             ).to(dims.device)
 
-        return PipelineEngine(cfg, dims, loss_fn, build_stage)
+        return PipelineEngine(cfg, dims, loss_fn, build_stage, initial_weights)
     # Built on the host (so TP shards are slices of the TP=1 weights), then moved to this
     # rank's device before any optimizer sees the parameters (fused kernels on CUDA).
-    model = build_model(cfg.model, cfg.parallel, vocab_size).to(dims.device)
+    model = build_model(cfg.model, cfg.parallel, vocab_size)
+    if initial_weights is not None:
+        names = {key: key for key, value in model.state_dict().items() if is_weight(key, value)}
+        load_tp_shard(model, initial_weights, names, dims.tp_rank, dims.tp)
+    model = model.to(dims.device)
     if dims.world_size == 1 and cfg.parallel.zero_stage == 0:
         from omnidiff.parallel.engines.local import LocalEngine
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import fields
 
 import deepspeed
@@ -45,6 +45,7 @@ from omnidiff.parallel.engines.deepspeed_state import load_optimizer_state, plai
 from omnidiff.parallel.grad_sync import register_sequence_parallel_grad_sync
 from omnidiff.parallel.model import OmniDiffusionTransformer
 from omnidiff.parallel.optim import build_optimizer, build_scheduler
+from omnidiff.parallel.resharding import is_weight, load_tp_shard
 
 StageTensors = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
@@ -167,7 +168,8 @@ class PipelineEngine:
     """
 
     def __init__(self, cfg: EngineConfig, dims: ParallelDims, loss_fn: LossFn,
-                 build_stage: Callable[[int], OmniDiffusionTransformer]) -> None:
+                 build_stage: Callable[[int], OmniDiffusionTransformer],
+                 initial_weights: Mapping[str, torch.Tensor] | None = None) -> None:
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
         dims.check_config(cfg.parallel)
         rank_groups(dims)  # raises if DeepSpeed's grid would pair different ranks
@@ -181,6 +183,10 @@ class PipelineEngine:
         if list(module.parts) != list(range(dims.pp + 1)):
             raise RuntimeError(f"DeepSpeed partitioned the pipeline as {list(module.parts)}, "
                                f"expected one stage per rank {list(range(dims.pp + 1))}")
+        if initial_weights is not None:
+            names = {key: name for key, name in megatron_names(module).items()
+                     if is_weight(key, module.state_dict()[key])}
+            load_tp_shard(module, initial_weights, names, dims.tp_rank, dims.tp)
         self._sp_hooks = (register_sequence_parallel_grad_sync(module, dims.group("tp"),
                                                                dims.device)
                           if cfg.parallel.sequence_parallel else [])

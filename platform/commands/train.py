@@ -79,7 +79,12 @@ def run(args: argparse.Namespace) -> int:
         config_path, overrides = None, [config_path, *overrides]  # only overrides were given
     if args.resume is not None:
         overrides.append(f"checkpoint.resume={args.resume}")
-    cfg: RunConfig = load_config(config_path, overrides)
+    return launch_training(load_config(config_path, overrides))
+
+
+def launch_training(cfg: RunConfig) -> int:
+    """Run ``cfg`` on its processes (spawned here, or this one under an external launcher);
+    the exit code: 0, or a user error's (its line was printed by rank 0)."""
     raw = cfg.model_dump(mode="json")
     nproc = cfg.parallel.nproc_per_node
     if not launched_externally():  # the world is known here: check the layout before starting

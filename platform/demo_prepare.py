@@ -1,0 +1,48 @@
+"""What a job with a ``prepare`` section builds itself when it is missing (the demo's data):
+demo shards, demo tokenizers fitted to them, then token shards of every source, each step
+skipped when its output exists."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from omnidiff.jobs.curriculum import JobConfig, deep_merge
+from omnidiff.platform.config import build_config
+
+log = logging.getLogger("omnidiff.prepare")
+
+
+def prepare(job: JobConfig) -> None:
+    spec = job.prepare
+    if spec is None:
+        return
+    from omnidiff.data.demo.build import build_demo_dataset
+    from omnidiff.data.media.reader import MediaReaderConfig
+    from omnidiff.data.streams.mixture import load_mixture_config
+    from omnidiff.data.streams.pretokenize import tokenize_shards
+    from omnidiff.data.tokenizers.fit import fit_demo_tokenizers
+    from omnidiff.data.tokens.text import build_vocab
+
+    data, tokenizers = Path(spec.demo_data), Path(spec.tokenizers)
+    media_mixture = data / "mixture.yaml"
+    if not media_mixture.is_file():
+        print(f"prepare: demo dataset ({spec.samples} samples) -> {data}")
+        build_demo_dataset(data, spec.samples, image_size=max(spec.image_size, 64))
+    if not (tokenizers / "speech.safetensors").is_file():
+        print(f"prepare: demo tokenizers -> {tokenizers}")
+        mixture = load_mixture_config(media_mixture)
+        configs = [MediaReaderConfig(shards=mixture.shard_specs(name), image_size=spec.image_size,
+                                     generated_image_size=spec.generated_image_size)
+                   for name in mixture.sources]
+        fit_demo_tokenizers(configs, tokenizers, min(spec.samples, 1000), spec.image_codes,
+                            spec.speech_codes)
+    run = job.stage_run_config(0)
+    token_mixture = Path(run.get("data", {}).get("mixture", ""))
+    if run.get("data", {}).get("source") != "token_shards" or token_mixture.is_file():
+        return
+    print(f"prepare: token shards -> {token_mixture.parent}")
+    cfg = build_config(deep_merge(run, {"data": {"source": "shards",
+                                                  "mixture": str(media_mixture)}}))
+    vocab, text = build_vocab(cfg.data)
+    tokenize_shards(cfg.data, token_mixture.parent, vocab, text)
