@@ -64,8 +64,9 @@ def plan_job(job: JobConfig, cluster: ClusterConfig) -> list[StagePlan]:
         _check_output_dir(job, stage.name, raw["output_dir"], cluster)
         _check_layout(f"job {job.name}, stage {stage.name}", raw, cluster)
         init_from = plans[-1].export_dir if plans else (job.init.hf if job.init else None)
+        export_dir = str(PurePosixPath(raw["output_dir"]) / EXPORT_DIR) if job.export else None
         plans.append(StagePlan(index, stage.name, name, raw["output_dir"],
-                               _cluster_run_config(raw, cluster, init_from)))
+                               _cluster_run_config(raw, cluster, init_from, export_dir)))
     return plans
 
 
@@ -80,14 +81,16 @@ def select(plans: list[StagePlan], stage: str) -> list[StagePlan]:
     raise ConfigError(f"--stage {stage}: expected all or one of {names}")
 
 
-def _cluster_run_config(raw: dict[str, Any], cluster: ClusterConfig,
-                        init_from: str | None) -> dict[str, Any]:
+def _cluster_run_config(raw: dict[str, Any], cluster: ClusterConfig, init_from: str | None,
+                        export_dir: str | None) -> dict[str, Any]:
     """The stage's run config with what the cluster decides."""
     raw.setdefault("parallel", {})["nproc_per_node"] = cluster.procs_per_node
     checkpoint = raw.setdefault("checkpoint", {})
     checkpoint.setdefault("resume", "auto")  # a restarted node resumes, a fresh one starts
     if init_from:
         checkpoint["init_from"] = init_from
+    if export_dir:  # rank 0 writes the HF folder the next stage starts from
+        checkpoint["export_dir"] = export_dir
     uri = cluster.tracking_uri()
     if uri:
         raw.setdefault("logging", {}).setdefault("mlflow_tracking_uri", uri)

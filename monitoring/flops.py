@@ -6,13 +6,19 @@ Megatron's and PaLM's accounting), forward x 3 for forward + backward:
 * per token and layer: q/k/v (GQA), output projection, SwiGLU's gate + up and down projections;
 * per packed sample of length L and layer: QK^T and PV over the sample only (attention is
   block-diagonal, so a row of several samples costs sum L^2, not s^2);
-* the output layer at the scored (masked) positions only, as the masked-position head runs it.
+* the output layer at the scored (masked) positions only, as the masked-position head runs it
+  (once: the head recomputes the logits in its second pass, an implementation cost that MFU,
+  like activation recomputation, does not credit).
+
+``tests/test_flops.py`` checks this count against ``torch.utils.flop_counter``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 
+from omnidiff.data.tokens.noising import NoisedBatch
+from omnidiff.data.tokens.packing import sample_lengths
 from omnidiff.parallel.config import ModelConfig
 
 
@@ -42,3 +48,13 @@ def training_flops(model: ModelConfig, vocab_size: int, sample_lengths: Iterable
     forward = (dense_flops_per_token(model) * sum(lengths) + attention_flops(model, lengths)
                + head_flops(model, vocab_size, scored_tokens))
     return 3 * forward
+
+
+def micro_batch_flops(model: ModelConfig, vocab_size: int,
+                      micro_batches: Iterable[NoisedBatch]) -> tuple[int, int]:
+    """``(tokens, model FLOPs)`` of one rank's micro-batches (packed rows, masked positions)."""
+    batches = list(micro_batches)
+    lengths = [n for b in batches for n in sample_lengths(b.segment_ids)]
+    masked = sum(b.num_masked for b in batches)
+    tokens = sum(b.input_ids.numel() for b in batches)
+    return tokens, training_flops(model, vocab_size, lengths, masked)

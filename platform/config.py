@@ -35,6 +35,9 @@ class CheckpointConfig(ConfigSection):
     # stock Qwen2, or an omnidiff export); vocabulary rows it lacks are initialised by init_new_rows
     init_from: str | None = None
     init_new_rows: Literal["normal", "mean"] = "normal"
+    # when the run reaches its last step: its final checkpoint as a Hugging Face folder here
+    # (what the next curriculum stage starts from, on a laptop or a cluster alike)
+    export_dir: str | None = None
 
 
 class RunConfig(ConfigSection):

@@ -98,7 +98,8 @@ def stage_config(job: JobConfig, index: int, tracking: Tracking) -> RunConfig:
     raw = job.stage_run_config(index)
     start = (str(job.stage_dir(index - 1) / EXPORT_DIR) if index
              else job.init.hf if job.init else None)
-    checkpoint = {"resume": "auto", "init_from": start}
+    checkpoint = {"resume": "auto", "init_from": start,
+                  "export_dir": str(job.stage_dir(index) / EXPORT_DIR) if job.export else None}
     if job.init:
         checkpoint["init_new_rows"] = job.init.new_rows
     logging_keys = {"progress_label": job.stages[index].name}
@@ -149,12 +150,8 @@ def run_stage(job: JobConfig, index: int, tracking: Tracking) -> StageReport:
                          rows[-1]["step"] if rows else 0, rows[-1]["loss"] if rows else None)
     if final is None:
         return report
-    export = None
-    if job.export:
-        from omnidiff.platform.hf_export import export_checkpoint
-
-        export = export_checkpoint(final, stage_dir / EXPORT_DIR, overwrite=True)
-        report.export = str(export)
+    export = Path(cfg.checkpoint.export_dir) if cfg.checkpoint.export_dir else None
+    report.export = str(export) if export else None
     _artifacts(cfg, stage_dir, export, cfg.logging.mlflow_run_id, tracking)
     (stage_dir / STAGE_FILE).write_text(json.dumps({
         "checkpoint": str(final), "export": report.export, "steps": report.steps,

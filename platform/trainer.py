@@ -18,11 +18,11 @@ from tqdm import tqdm
 from omnidiff.data.streams.batches import batch_stream, noised_micro_batches
 from omnidiff.data.streams.sources import build_sample_source
 from omnidiff.data.tokens.noising import NoisedBatch
-from omnidiff.data.tokens.packing import sample_lengths
 from omnidiff.data.tokens.tasks import TASKS
 from omnidiff.data.tokens.text import build_vocab
-from omnidiff.monitoring.flops import training_flops
+from omnidiff.monitoring.flops import micro_batch_flops
 from omnidiff.monitoring.metrics import MetricsLogger
+from omnidiff.monitoring.peaks import peak_flops
 from omnidiff.monitoring.sinks import build_sinks, flatten
 from omnidiff.monitoring.system import system_metrics
 from omnidiff.monitoring.throughput import ThroughputMeter
@@ -67,7 +67,7 @@ class Trainer:
                                      self.dims.dp_rank, self.dims.dp)
         self.batches = batch_stream(source, cfg.data, cfg.diffusion, self.vocab, cfg.seed,
                                     self.dims.dp_rank)
-        self.meter = ThroughputMeter()
+        self.meter = ThroughputMeter(self._peak_flops() * self.dims.world_size)
         self.stop = StopRequest()
 
     def _micro_batches(self, step: int) -> list[NoisedBatch]:
@@ -82,6 +82,17 @@ class Trainer:
         if self.dims.device.type == "cpu":
             return batches
         return [b.pin_memory().to(self.dims.device, non_blocking=True) for b in batches]
+
+    def _peak_flops(self) -> float:
+        """One device's dense peak: configured, looked up (GPU) or measured by rank 0 alone
+        while the others wait (CPU, where ranks share the cores), then shared."""
+        configured = self.cfg.logging.mfu_peak
+        if configured or self.dims.device.type == "cuda":
+            return configured or peak_flops(self.cfg.parallel.precision, self.dims.device)[0]
+        measured = peak_flops(self.cfg.parallel.precision)[0] if self.dims.is_main else 0.0
+        value = torch.tensor([measured], dtype=torch.float64)
+        return all_reduce(value, None, self.dims.device, torch.distributed.ReduceOp.MAX,
+                          "CPU peak FLOP/s").item()
 
     def _task_metrics(self) -> dict[str, float]:
         """Masked-token loss and top-1 accuracy, overall and per task, summed over DP (the
@@ -103,10 +114,7 @@ class Trainer:
 
     def _measure(self, micro_batches: list[NoisedBatch]) -> None:
         """Tokens and model FLOPs of this rank's micro-batches, scaled to the whole DP group."""
-        lengths = [n for b in micro_batches for n in sample_lengths(b.segment_ids)]
-        masked = sum(b.num_masked for b in micro_batches)
-        flops = training_flops(self.cfg.model, self.vocab_size, lengths, masked)
-        tokens = sum(b.input_ids.numel() for b in micro_batches)
+        tokens, flops = micro_batch_flops(self.cfg.model, self.vocab_size, micro_batches)
         self.meter.add(tokens * self.dims.dp, flops * self.dims.dp)
 
     # --- checkpoints -------------------------------------------------------------------------

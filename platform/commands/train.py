@@ -44,8 +44,16 @@ def train_worker(raw_config: dict) -> None:
 
     main_rank = os.environ.get("RANK", "0") == "0"
     try:
-        trainer = Trainer(build_config(raw_config))
+        cfg = build_config(raw_config)
+        trainer = Trainer(cfg)
         summary = trainer.run()
+        if cfg.checkpoint.export_dir and not summary.stopped_by and summary.checkpoint:
+            trainer.dims.any_rank(False)  # every rank's shard is written before rank 0 reads
+            if main_rank:
+                from omnidiff.platform.hf_export import export_checkpoint
+
+                export_checkpoint(summary.checkpoint, cfg.checkpoint.export_dir, overwrite=True,
+                                  progress=cfg.logging.progress_bar)
         if main_rank and summary.stopped_by:
             print(f"stopped by {summary.stopped_by} after step {summary.last_step}; checkpoint "
                   f"{summary.checkpoint}; continue with --resume auto")
