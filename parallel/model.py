@@ -27,7 +27,7 @@ from omnidiff.data.tokens.noising import packed_cu_seqlens
 from omnidiff.kernels.attention import PackedSequences, block_diagonal_mask, packed_sequences
 from omnidiff.kernels.rope import rotary_angles
 from omnidiff.parallel.config import ModelConfig, ParallelConfig
-from omnidiff.parallel.gpu_stack import require_gpu_stack
+from omnidiff.parallel.gpu_stack import require_gpu_stack, transformer_engine_problem
 from omnidiff.parallel.recompute import OmniTransformerConfig, recompute_settings
 from omnidiff.parallel.specs import StackSpec, layer_spec_for
 
@@ -84,7 +84,7 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig,
         bias_activation_fusion=torch.cuda.is_available(),
         bias_dropout_fusion=False,
         masked_softmax_fusion=False,
-        apply_rope_fusion=parallel.transformer_engine,
+        apply_rope_fusion=parallel.transformer_engine and transformer_engine_problem() is None,
         gradient_accumulation_fusion=False,
         persist_layer_norm=False,
         # megatron's recompute needs CUDA RNG state: only the (GPU-only) TE spec uses it.

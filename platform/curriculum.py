@@ -183,4 +183,11 @@ def run_curriculum(job: JobConfig, stages: list[int] | None = None) -> Curriculu
         if stage.status != "complete":
             report.exit_code = 0 if stage.status == "stopped" else 3
             break
+    all_done = all((job.stage_dir(i) / STAGE_FILE).is_file() for i in range(len(job.stages)))
+    if all_done and report.parent_run_id:
+        from omnidiff.monitoring.tracking import MlflowTracker
+
+        tracker = MlflowTracker(tracking.uri, report.parent_run_id)
+        tracker.set_terminated("FINISHED")
+        tracker.close()
     return report

@@ -103,6 +103,7 @@ def test_curriculum_tracks_a_parent_and_a_child_run_per_stage(tmp_path, server):
     assert done.returncode == 0, done.stderr[-3000:]
     state = json.loads((tmp_path / "out" / "curriculum.json").read_text())
     client = MlflowClient(server.uri)
+    assert client.get_run(state["parent_run_id"]).info.status == "FINISHED"
     children = _stage_runs(client, state["parent_run_id"])
     assert sorted(children) == ["tiny-stage1", "tiny-stage2", "tiny-stage3"]
     stage3 = children["tiny-stage3"]
