@@ -46,3 +46,12 @@ def all_gather(tensor: torch.Tensor, group: ProcessGroup | None, device: torch.d
     parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
     dist.all_gather(parts, tensor.contiguous(), group=group)
     return parts
+
+
+def broadcast(tensor: torch.Tensor, source: int, group: ProcessGroup | None,
+              device: torch.device, what: str = "broadcast") -> torch.Tensor:
+    """In place: global rank ``source``'s ``tensor`` on every rank of ``group``."""
+    check_device(tensor, device, what)
+    if dist.is_initialized() and dist.get_world_size(group) > 1:
+        dist.broadcast(tensor, src=source, group=group)
+    return tensor
