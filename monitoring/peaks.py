@@ -6,8 +6,11 @@ vector units and the cores a job may use vary), so the peak is measured: the bes
 of a large GEMM over a fixed short time, best of a few tries, with the threads the run uses.
 
 Memory (:class:`PeakMemory`): on GPU the allocator's peak; on CPU the process's peak resident
-set (``ru_maxrss``), whose high-water mark is first lowered to the current RSS (proc(5)
-``clear_refs`` 5), so the figure is the growth over a baseline, free of earlier transients.
+set (``VmHWM`` in /proc/self/status), whose high-water mark is first lowered to the current RSS
+(proc(5) ``clear_refs`` 5), so the figure is the growth over a baseline, free of earlier
+transients. Not ``ru_maxrss``: across fork + exec the kernel carries the parent's peak into the
+child's, so a worker spawned by a large process (pytest after many tests) would report the
+parent's size.
 RSS follows live tensors only when freed memory returns to the system: start the process with
 glibc's mmap threshold fixed (``MALLOC_MMAP_THRESHOLD_=131072``, as ``omnidiff bench`` does),
 else glibc's free lists (up to 32 MiB chunks) stay resident and inflate the figure.
@@ -112,6 +115,21 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * resource.getpagesize()
 
 
+def peak_rss_bytes() -> int:
+    """This process's own resident-set high-water mark (``VmHWM``, Linux /proc)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise OSError("/proc/self/status has no VmHWM line")
+
+
+def reset_peak_rss() -> None:
+    """Lower the peak-RSS mark to the current RSS (proc(5) clear_refs 5, Linux >= 4.0)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
 class PeakMemory:
     """Peak memory growth of this process from :meth:`start` on: CUDA allocator statistics on
     GPU, peak RSS (kernel high-water mark, reset at start) on CPU."""
@@ -123,7 +141,7 @@ class PeakMemory:
     @property
     def method(self) -> str:
         return ("torch.cuda.max_memory_allocated growth" if self.cuda
-                else "peak RSS growth (ru_maxrss after clear_refs)")
+                else "peak RSS growth (VmHWM after clear_refs)")
 
     def start(self) -> None:
         if self.cuda:
@@ -131,8 +149,7 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats()
             self.base = torch.cuda.memory_allocated()
             return
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # peak RSS mark := current RSS
+        reset_peak_rss()
         self.base = rss_bytes()
 
     def growth(self) -> int:
@@ -140,4 +157,4 @@ class PeakMemory:
         if self.cuda:
             torch.cuda.synchronize()
             return torch.cuda.max_memory_allocated() - self.base
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - self.base
+        return peak_rss_bytes() - self.base

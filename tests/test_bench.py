@@ -14,7 +14,7 @@ from omnidiff.data.streams.sources import build_sample_source
 from omnidiff.data.tokens.text import build_vocab
 from omnidiff.jobs.benchmarks.bench_released_recipe import FullLogitsLoss, side_by_side_summary
 from omnidiff.jobs.benchmarks.sweeps import BenchPoint, sweep_points
-from omnidiff.monitoring.peaks import gpu_peak, peak_flops
+from omnidiff.monitoring.peaks import PeakMemory, gpu_peak, peak_flops
 from omnidiff.parallel import topology
 from omnidiff.parallel.engines.base import ModelWithLoss
 from omnidiff.parallel.model import build_model
@@ -63,6 +63,30 @@ def test_device_peaks():
     if not torch.cuda.is_available():
         value, how = peak_flops("fp32", "cpu")
         assert value > 1e9 and "measured" in how
+
+
+def _child_peak_growth(queue) -> None:
+    memory = PeakMemory(cuda=False)
+    memory.start()
+    grown = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+    queue.put((memory.growth(), int(grown.sum())))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU (RSS) measure")
+def test_peak_memory_of_a_spawned_worker_is_its_own_not_its_parents():
+    """ru_maxrss carries the parent's peak across fork + exec: a worker spawned by a 1 GiB
+    process would report ~1 GiB. The measure must see only the child's own 64 MiB."""
+    import multiprocessing
+
+    ballast = torch.ones(2**28)  # 1 GiB resident in this (parent) process
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    child = context.Process(target=_child_peak_growth, args=(queue,))
+    child.start()
+    growth, _ = queue.get(timeout=120)
+    child.join()
+    del ballast
+    assert 60 * 2**20 < growth < 200 * 2**20, growth / 2**20
 
 
 def _batch(cfg):

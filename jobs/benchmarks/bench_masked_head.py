@@ -3,10 +3,10 @@
 Each variant runs in its own fresh subprocess (one after the other, never concurrently), so
 neither inherits the other's allocator state. Memory is what the step adds on top of its
 inputs: on GPU ``torch.cuda.max_memory_allocated`` minus the allocation after the inputs were
-made; on CPU (no allocator statistics) the process's peak RSS (``ru_maxrss``) minus its RSS
-after the warm-up steps, with their gradients freed. Nothing before that point counts: the
-peak-RSS mark is reset there (proc(5) clear_refs), so the difference is a steady-state step's
-own high-water mark, weight and hidden gradients included (a training step keeps them), and
+made; on CPU (no allocator statistics) the process's peak RSS (``VmHWM``) minus its RSS after
+the warm-up steps, with their gradients freed (``monitoring.peaks.PeakMemory``). Nothing before
+that point counts: the peak-RSS mark is reset there (proc(5) clear_refs), so the difference is
+a steady-state step's own high-water mark, weight and hidden gradients included (a training step keeps them), and
 first-iteration one-off costs (code paged in, library buffers) left out, as the GPU allocator's
 statistics leave them out.
 
@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -27,25 +26,10 @@ import time
 import torch
 
 from omnidiff.kernels.masked_head import DEFAULT_CHUNK_SIZE, masked_lm_loss, reference_lm_loss
+from omnidiff.monitoring.peaks import PeakMemory
 
 VARIANTS = ("masked", "reference")
 GIB = 2.0**30
-
-
-def _rss_bytes() -> int:
-    """Current resident set size (Linux /proc)."""
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize()
-
-
-def _reset_peak_rss() -> None:
-    """Lower the kernel's peak-RSS mark (what ru_maxrss reports) to the current RSS.
-
-    proc(5), /proc/<pid>/clear_refs value 5 (Linux >= 4.0): set-up transients (imports,
-    building the inputs) then cannot leak into the measured peak.
-    """
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
 
 
 def _make_inputs(args: argparse.Namespace, device: torch.device, dtype: torch.dtype):
@@ -87,23 +71,15 @@ def run_worker(args: argparse.Namespace) -> dict:
     for _ in range(args.warmup):  # one-off costs (code paged in, library buffers) stay out
         _step(args.worker, *inputs, args.chunk_size)
     inputs[0].grad = inputs[1].grad = None  # the measured steps make their gradients anew
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    else:
-        _reset_peak_rss()
-        base = _rss_bytes()
+    memory = PeakMemory(cuda)
+    memory.start()
     times, cpu_times, loss = [], [], 0.0
     for _ in range(args.repeats):
         start, cpu_start = time.perf_counter(), time.process_time()
         loss = _step(args.worker, *inputs, args.chunk_size)  # .item() synchronises
         times.append(time.perf_counter() - start)
         cpu_times.append(time.process_time() - cpu_start)
-    if cuda:
-        peak = torch.cuda.max_memory_allocated() - base
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    peak = memory.growth()
     topology.destroy()
     return {"variant": args.worker, "peak_bytes": peak, "times": times,
             "cpu_times": cpu_times, "loss": loss,
