@@ -61,6 +61,12 @@ class DataConfig(ConfigSection):
     speech_tokenizer: MediaTokenizerRef | None = None
     image_codebook_size: int = Field(8192, gt=0)
     speech_codebook_size: int = Field(16384, gt=0)
+    # speech the model hears (system / user turns): discrete codes, or continuous features of a
+    # frozen SenseVoiceSmall encoder (speech_encoder: its folder) through a trained projector;
+    # speech the model says (assistant turns) is always codes
+    speech_input: Literal["codes", "continuous"] = "codes"
+    speech_encoder: str | None = None
+    speech_feature_size: int = Field(512, gt=0)  # the encoder's output size (SenseVoice: 512)
     image_size: int = Field(512, gt=0)  # input images (REFERENCE §2: 512 px -> 1024 codes)
     generated_image_size: int = Field(256, gt=0)  # images an assistant turn generates
     reader_batch_size: int = Field(16, gt=0)  # samples per DALI decode batch
@@ -77,6 +83,17 @@ class DataConfig(ConfigSection):
         if self.text_vocab_size is not None and self.text_tokenizer != "byte":
             raise ValueError("text_vocab_size pads the byte tokenizer only; a Hugging Face "
                              "tokenizer has its own size")
+        return self
+
+    @model_validator(mode="after")
+    def _check_speech_input(self) -> DataConfig:
+        if self.speech_input == "continuous":
+            if self.source == "token_shards":
+                raise ValueError("speech_input continuous reads media live (source shards or "
+                                 "synthetic); token shards hold codes only")
+            if self.source == "shards" and not self.speech_encoder:
+                raise ValueError("speech_input continuous needs speech_encoder (a SenseVoiceSmall "
+                                 "folder)")
         return self
 
     @model_validator(mode="after")

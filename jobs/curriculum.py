@@ -49,6 +49,7 @@ class PrepareSpec(ConfigSection):
     speech_codes: int = Field(512, gt=0)
     image_size: int = Field(64, gt=0)
     generated_image_size: int = Field(32, gt=0)
+    speech_encoder: str | None = None  # a small demo SenseVoice (continuous speech input) here
 
 
 class JobConfig(ConfigSection):

@@ -23,6 +23,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_block import TransformerBlock
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from omnidiff.data.tokenizers.sensevoice import SpeechProjector
 from omnidiff.data.tokens.noising import packed_cu_seqlens
 from omnidiff.kernels.attention import PackedSequences, block_diagonal_mask, packed_sequences
 from omnidiff.kernels.rope import rotary_angles
@@ -105,7 +106,8 @@ class OmniDiffusionTransformer(MegatronModule):
 
     def __init__(self, config: TransformerConfig, vocab_size: int, rope_theta: float,
                  spec: StackSpec, pre_process: bool = True, post_process: bool = True,
-                 num_layers: int | None = None, attention: str = "thd") -> None:
+                 num_layers: int | None = None, attention: str = "thd",
+                 speech_feature_size: int | None = None) -> None:
         super().__init__(config=config)
         if attention not in ("thd", "dense"):
             raise ValueError(f"attention must be 'thd' or 'dense', got {attention!r}")
@@ -114,12 +116,18 @@ class OmniDiffusionTransformer(MegatronModule):
         self.pre_process, self.post_process = pre_process, post_process
         self.attention = attention
         self.rope_in_core_attention = spec.rope_in_core_attention
+        self.speech_projector = None
         if pre_process:
+            # With continuous speech the features are spliced in before the sequence is split
+            # over TP ranks, so the embedding all-reduces and the split comes after the splice.
             self.embedding = tensor_parallel.VocabParallelEmbedding(
                 num_embeddings=vocab_size, embedding_dim=config.hidden_size,
                 init_method=config.init_method, config=config,
-                reduce_scatter_embeddings=config.sequence_parallel,
+                reduce_scatter_embeddings=config.sequence_parallel and not speech_feature_size,
             )
+            if speech_feature_size:  # replicated over TP; trained; on the first stage only
+                self.speech_projector = SpeechProjector(speech_feature_size, config.hidden_size
+                                                        ).to(config.params_dtype)
         # pre_process=True: the block takes hidden states as an argument (never megatron's
         # set_input_tensor); post_process places the final norm.
         self.decoder = TransformerBlock(
@@ -132,16 +140,29 @@ class OmniDiffusionTransformer(MegatronModule):
                 bias=False, gather_output=False,
             )
 
-    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """``[b, s]`` ids -> ``[s, b, h]`` (this rank's sequence slice under SP)."""
+    def embed(self, input_ids: torch.Tensor, speech_features: torch.Tensor | None = None,
+              speech_positions: torch.Tensor | None = None) -> torch.Tensor:
+        """``[b, s]`` ids -> ``[s, b, h]`` (this rank's sequence slice under SP); continuous
+        speech features (``[n, f]``) take the places ``speech_positions`` (flat over ``b s``)."""
         hidden = self.embedding(input_ids)
-        if not self.config.sequence_parallel:  # SP's reduce-scatter already transposed
-            hidden = hidden.transpose(0, 1).contiguous()
+        if self.speech_projector is None:
+            if not self.config.sequence_parallel:  # SP's reduce-scatter already transposed
+                hidden = hidden.transpose(0, 1).contiguous()
+            return hidden
+        projected = self.speech_projector(speech_features.to(hidden.dtype).reshape(
+            -1, self.speech_projector.pre_proj_layernorm.normalized_shape[0]))
+        flat = hidden.reshape(-1, hidden.shape[-1]).index_put((speech_positions,), projected)
+        # + 0 x the projection: the projector takes part (zero gradients) in a batch without
+        # speech, so every data-parallel rank reduces the same gradients
+        hidden = (flat + 0 * projected.sum()).view_as(hidden).transpose(0, 1).contiguous()
+        if self.config.sequence_parallel:
+            hidden = tensor_parallel.scatter_to_sequence_parallel_region(hidden)
         return hidden
 
     def forward(self, inputs: torch.Tensor, position_ids: torch.Tensor,
-                segment_ids: torch.Tensor, cu_seqlens: torch.Tensor | None = None
-                ) -> torch.Tensor:
+                segment_ids: torch.Tensor, cu_seqlens: torch.Tensor | None = None,
+                speech_features: torch.Tensor | None = None,
+                speech_positions: torch.Tensor | None = None) -> torch.Tensor:
         """``inputs``: token ids ``[b, s]`` on the first stage, else the previous stage's hidden
         states (as this method returns them on a stage without ``post_process``).
 
@@ -151,13 +172,15 @@ class OmniDiffusionTransformer(MegatronModule):
         """
         b, s = segment_ids.shape
         if self.attention == "dense":
-            hidden = self.embed(inputs) if self.pre_process else inputs
+            hidden = (self.embed(inputs, speech_features, speech_positions)
+                      if self.pre_process else inputs)
             hidden = self.decoder(
                 hidden, attention_mask=block_diagonal_mask(segment_ids),
                 rotary_pos_emb=rotary_angles(position_ids, self.config.kv_channels,
                                              self.rope_theta))
         else:
-            hidden = self.embed(inputs.reshape(1, b * s)) if self.pre_process else inputs
+            hidden = (self.embed(inputs.reshape(1, b * s), speech_features, speech_positions)
+                      if self.pre_process else inputs)
             table, packed = self._packed(position_ids, segment_ids, cu_seqlens)
             hidden = self.decoder(hidden, attention_mask=None, rotary_pos_emb=table,
                                   packed_seq_params=packed)
@@ -203,12 +226,14 @@ class OmniDiffusionTransformer(MegatronModule):
 
 
 def build_model(model: ModelConfig, parallel: ParallelConfig, vocab_size: int,
-                perform_initialization: bool = True) -> OmniDiffusionTransformer:
+                perform_initialization: bool = True,
+                speech_feature_size: int | None = None) -> OmniDiffusionTransformer:
     """The whole model on the current default device (``torch.device('meta')`` to only count),
-    with the layer spec ``parallel`` asks for."""
+    with the layer spec ``parallel`` asks for (and a speech projector for continuous speech)."""
     config = transformer_config(model, parallel, perform_initialization)
     return OmniDiffusionTransformer(config, vocab_size, model.rope_theta,
-                                    layer_spec_for(parallel))
+                                    layer_spec_for(parallel),
+                                    speech_feature_size=speech_feature_size)
 
 
 def count_parameters(module: torch.nn.Module) -> int:

@@ -12,7 +12,8 @@ against the ``partition_dim`` / ``partition_stride`` attributes megatron puts on
 * ``linear_fc1``: rows with stride 2. The TP=1 weight is ``[gate; up]``; rank r holds
   ``[gate_r; up_r]`` (a contiguous split would give rank 0 all of gate).
 * ``linear_proj`` / ``linear_fc2`` (row-parallel): columns (dim 1), contiguous.
-* norms: replicated. ``_extra_state`` entries (TE's FP8 metadata) are not weights: dropped.
+* norms and the speech projector: replicated. ``_extra_state`` entries (TE's FP8 metadata) are
+  not weights: dropped.
 
 Parameter names also differ between the two layer specs (TE fuses each pre-norm into the linear
 that follows it): :func:`to_transformer_engine_names` / :func:`to_portable_names` move a
@@ -66,6 +67,8 @@ def is_weight(name: str, value: object) -> bool:
 
 
 def layout_of(name: str) -> Layout:
+    if "speech_projector." in name:  # replicated over TP (continuous speech input)
+        return REPLICATED
     for suffix, layout in _LAYOUTS:
         if name.endswith(suffix):
             return layout

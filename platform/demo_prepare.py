@@ -21,7 +21,7 @@ def prepare(job: JobConfig) -> None:
     from omnidiff.data.media.reader import MediaReaderConfig
     from omnidiff.data.streams.mixture import load_mixture_config
     from omnidiff.data.streams.pretokenize import tokenize_shards
-    from omnidiff.data.tokenizers.fit import fit_demo_tokenizers
+    from omnidiff.data.tokenizers.fit import demo_speech_encoder, fit_demo_tokenizers, read_media
     from omnidiff.data.tokens.text import build_vocab
 
     data, tokenizers = Path(spec.demo_data), Path(spec.tokenizers)
@@ -38,6 +38,13 @@ def prepare(job: JobConfig) -> None:
         fit_demo_tokenizers(configs, tokenizers, min(spec.samples, 1000), spec.image_codes,
                             spec.speech_codes)
     run = job.stage_run_config(0)
+    if spec.speech_encoder and not (Path(spec.speech_encoder) / "model.pt").is_file():
+        print(f"prepare: demo speech encoder -> {spec.speech_encoder}")
+        mixture = load_mixture_config(media_mixture)
+        configs = [MediaReaderConfig(shards=mixture.shard_specs(name)) for name in mixture.sources]
+        _, clips = read_media(configs, min(spec.samples, 400))
+        size = run.get("data", {}).get("speech_feature_size", 512)
+        demo_speech_encoder(clips, spec.speech_encoder, size)
     token_mixture = Path(run.get("data", {}).get("mixture", ""))
     if run.get("data", {}).get("source") != "token_shards" or token_mixture.is_file():
         return

@@ -62,10 +62,10 @@ def model_fields_from_hf(hf: Mapping[str, Any]) -> dict[str, Any]:
 
 def hf_config_from(model_cfg: ModelConfig, vocab_size: int, *, mask_token_id: int,
                    pad_token_id: int, eos_token_id: int | None = None,
-                   label_shift: bool = True,
-                   real_vocab_size: int | None = None) -> OmniDiffusionConfig:
+                   label_shift: bool = True, real_vocab_size: int | None = None,
+                   speech_feature_size: int | None = None) -> OmniDiffusionConfig:
     """The HF config for a platform model shape; ``vocab_size`` is the (padded) embedding rows,
-    ``real_vocab_size`` the ids that are tokens."""
+    ``real_vocab_size`` the ids that are tokens; ``speech_feature_size`` for continuous speech."""
     return OmniDiffusionConfig(
         vocab_size=vocab_size,
         hidden_size=model_cfg.hidden_size,
@@ -83,18 +83,33 @@ def hf_config_from(model_cfg: ModelConfig, vocab_size: int, *, mask_token_id: in
         eos_token_id=pad_token_id if eos_token_id is None else eos_token_id,
         label_shift=label_shift,
         real_vocab_size=real_vocab_size,
+        speech_feature_size=speech_feature_size,
     )
+
+
+# the speech projector (continuous speech input): megatron prefix, HF prefix (the release's)
+_PROJECTOR = ("speech_projector.", "model.audio_projection.")
+_PROJECTOR_NORM = "pre_proj_layernorm.weight"
+
+
+def _feature_size(state: Mapping[str, Tensor], prefix: str) -> int | None:
+    """The projector's input size, from its norm (None: the model hears codes only)."""
+    norm = state.get(prefix + _PROJECTOR_NORM)
+    return None if norm is None else norm.shape[0]
 
 
 def megatron_to_hf(state_dict: Mapping[str, Tensor], model_cfg: ModelConfig) -> dict[str, Tensor]:
     """TP=1 megatron-core state dict -> HF ``OmniDiffusionForMaskedDiffusion`` state dict."""
     src = {k: v for k, v in state_dict.items() if not k.endswith("._extra_state")}
-    _check(src, megatron_shapes(model_cfg, _rows(src, "embedding.weight")), "megatron")
+    _check(src, megatron_shapes(model_cfg, _rows(src, "embedding.weight"),
+                                _feature_size(src, _PROJECTOR[0])), "megatron")
     return _to_hf(src, model_cfg)
 
 
 def _to_hf(src: Mapping[str, Tensor], model_cfg: ModelConfig) -> dict[str, Tensor]:
     out = {hf: src[mg] for mg, hf in _RENAMES}
+    out |= {_PROJECTOR[1] + k[len(_PROJECTOR[0]):]: v for k, v in src.items()
+            if k.startswith(_PROJECTOR[0])}
     for i in range(model_cfg.num_layers):
         mp, hp = f"decoder.layers.{i}.", f"model.layers.{i}."
         out |= {hp + hf: src[mp + mg] for mg, hf in _LAYER_RENAMES}
@@ -111,8 +126,11 @@ def hf_to_megatron(state_dict: Mapping[str, Tensor], model_cfg: ModelConfig) -> 
     """HF state dict -> TP=1 megatron-core state dict (load with ``strict=False`` for the
     ``_extra_state`` entries megatron adds)."""
     src = dict(state_dict)
-    _check(src, _hf_shapes(model_cfg, _rows(src, "model.embed_tokens.weight")), "HF")
+    _check(src, _hf_shapes(model_cfg, _rows(src, "model.embed_tokens.weight"),
+                           _feature_size(src, _PROJECTOR[1])), "HF")
     out = {mg: src[hf] for mg, hf in _RENAMES}
+    out |= {_PROJECTOR[0] + k[len(_PROJECTOR[1]):]: v for k, v in src.items()
+            if k.startswith(_PROJECTOR[1])}
     for i in range(model_cfg.num_layers):
         mp, hp = f"decoder.layers.{i}.", f"model.layers.{i}."
         out |= {mp + mg: src[hp + hf] for mg, hf in _LAYER_RENAMES}
@@ -146,12 +164,17 @@ def _fuse_qkv(q: Tensor, k: Tensor, v: Tensor, model_cfg: ModelConfig) -> Tensor
     return grouped.reshape(-1, *rest)
 
 
-def megatron_shapes(model_cfg: ModelConfig, vocab_rows: int) -> dict[str, tuple[int, ...]]:
+def megatron_shapes(model_cfg: ModelConfig, vocab_rows: int,
+                    speech_feature_size: int | None = None) -> dict[str, tuple[int, ...]]:
     """Every tensor of the TP=1 megatron model and its shape: the one shape table."""
     h, f, d = model_cfg.hidden_size, model_cfg.ffn_hidden_size, model_cfg.head_dim
     nq, ng = model_cfg.num_attention_heads, model_cfg.num_query_groups
     shapes = {"embedding.weight": (vocab_rows, h), "decoder.final_layernorm.weight": (h,),
               "output_layer.weight": (vocab_rows, h)}
+    if speech_feature_size:
+        p, a = _PROJECTOR[0], speech_feature_size
+        shapes |= {p + _PROJECTOR_NORM: (a,), p + "pre_proj_layernorm.bias": (a,),
+                   p + "mlp.0.weight": (h, a), p + "mlp.2.weight": (h, h)}
     for i in range(model_cfg.num_layers):
         p = f"decoder.layers.{i}."
         shapes |= {p + "input_layernorm.weight": (h,), p + "pre_mlp_layernorm.weight": (h,),
@@ -163,10 +186,11 @@ def megatron_shapes(model_cfg: ModelConfig, vocab_rows: int) -> dict[str, tuple[
     return shapes
 
 
-def _hf_shapes(model_cfg: ModelConfig, vocab_rows: int) -> dict[str, tuple[int, ...]]:
+def _hf_shapes(model_cfg: ModelConfig, vocab_rows: int,
+               speech_feature_size: int | None = None) -> dict[str, tuple[int, ...]]:
     """The HF shapes, derived from the megatron table by converting shape-only tensors."""
-    meta = {key: torch.empty(shape, device="meta")
-            for key, shape in megatron_shapes(model_cfg, vocab_rows).items()}
+    meta = {key: torch.empty(shape, device="meta") for key, shape in
+            megatron_shapes(model_cfg, vocab_rows, speech_feature_size).items()}
     return {k: tuple(v.shape) for k, v in _to_hf(meta, model_cfg).items()}
 
 

@@ -79,6 +79,7 @@ class OmniDiffusionConfig(PretrainedConfig):
         label_shift: bool = True,
         tie_word_embeddings: bool = False,
         real_vocab_size: int | None = None,
+        speech_feature_size: int | None = None,
         **kwargs,
     ) -> None:
         if hidden_size % num_attention_heads:
@@ -104,6 +105,7 @@ class OmniDiffusionConfig(PretrainedConfig):
         self.mask_token_id = mask_token_id
         self.label_shift = label_shift
         self.real_vocab_size = real_vocab_size
+        self.speech_feature_size = speech_feature_size  # continuous speech input, when set
         super().__init__(pad_token_id=pad_token_id, eos_token_id=eos_token_id,
                          tie_word_embeddings=tie_word_embeddings, **kwargs)
 
@@ -271,12 +273,34 @@ class OmniDiffusionPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["OmniDiffusionDecoderLayer"]
 
 
+class AudioProjection(nn.Module):
+    """The released speech projector: LayerNorm -> Linear -> GELU -> Linear, no biases (kept
+    here rather than imported: this file must load without omnidiff installed)."""
+
+    def __init__(self, input_size: int, hidden_size: int) -> None:
+        super().__init__()
+        self.pre_proj_layernorm = nn.LayerNorm(input_size)
+        self.mlp = nn.Sequential(nn.Linear(input_size, hidden_size, bias=False), nn.GELU(),
+                                 nn.Linear(hidden_size, hidden_size, bias=False))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.pre_proj_layernorm(features))
+
+
 class OmniDiffusionModel(OmniDiffusionPreTrainedModel):
-    """The backbone: embedding, decoder layers, final norm -> hidden states ``[b, s, h]``."""
+    """The backbone: embedding, decoder layers, final norm -> hidden states ``[b, s, h]``.
+
+    With ``config.speech_feature_size``, continuous speech features (a frozen speech encoder's,
+    ``[n, f]``) are projected into the embeddings at ``speech_positions`` (flat over ``b s``:
+    the ``<|context_of_audio|>`` tokens).
+    """
 
     def __init__(self, config: OmniDiffusionConfig) -> None:
         super().__init__(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        if config.speech_feature_size:
+            self.audio_projection = AudioProjection(config.speech_feature_size,
+                                                    config.hidden_size)
         self.layers = nn.ModuleList(
             OmniDiffusionDecoderLayer(config) for _ in range(config.num_hidden_layers))
         self.norm = OmniDiffusionRMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -290,7 +314,9 @@ class OmniDiffusionModel(OmniDiffusionPreTrainedModel):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: AttentionMask = None,
                 position_ids: torch.Tensor | None = None,
-                segment_ids: torch.Tensor | None = None) -> torch.Tensor:
+                segment_ids: torch.Tensor | None = None,
+                speech_features: torch.Tensor | None = None,
+                speech_positions: torch.Tensor | None = None) -> torch.Tensor:
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
         if position_ids is None:
@@ -300,6 +326,11 @@ class OmniDiffusionModel(OmniDiffusionPreTrainedModel):
                 position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)
                 position_ids = position_ids.expand_as(input_ids)
         x = self.embed_tokens(input_ids)
+        if speech_features is not None and len(speech_features):
+            if not self.config.speech_feature_size:
+                raise ValueError("this model hears no continuous speech (speech_feature_size)")
+            projected = self.audio_projection(speech_features.to(x.dtype))
+            x = x.reshape(-1, x.shape[-1]).index_put((speech_positions,), projected).view_as(x)
         cos, sin = rotary_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta,
                                   x.dtype)
         allowed = attention_allowed(segment_ids, attention_mask)
@@ -331,12 +362,15 @@ class OmniDiffusionForMaskedDiffusion(OmniDiffusionPreTrainedModel):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: AttentionMask = None,
                 position_ids: torch.Tensor | None = None,
-                segment_ids: torch.Tensor | None = None) -> MaskedLMOutput:
+                segment_ids: torch.Tensor | None = None,
+                speech_features: torch.Tensor | None = None,
+                speech_positions: torch.Tensor | None = None) -> MaskedLMOutput:
         """``segment_ids`` (1, 2, ... per packed sample, 0 = unused tail) make attention
         block-diagonal; ``attention_mask`` hides keys (see :func:`attention_allowed`: ``[b, s]``
         0/1, Dream's ``"full"`` or boolean ``[b, 1, s, s]``); positions default to restarting
         per segment (or 0..s-1 without segments). Arguments in Qwen2's / Dream's order."""
-        hidden = self.model(input_ids, attention_mask, position_ids, segment_ids)
+        hidden = self.model(input_ids, attention_mask, position_ids, segment_ids,
+                            speech_features, speech_positions)
         return MaskedLMOutput(logits=self.lm_head(hidden))
 
 

@@ -17,7 +17,7 @@ import torch
 from omnidiff.data.config import DataConfig, DiffusionConfig
 from omnidiff.data.tokens.noising import NoisedBatch, TailPadder, noise_batch
 from omnidiff.data.tokens.packing import PackedBatch, SequencePacker, TokenSample, collate_rows
-from omnidiff.data.tokens.vocab import UnifiedVocab
+from omnidiff.data.tokens.vocab import CONTEXT_OF_AUDIO, UnifiedVocab
 
 
 class SampleSource(Protocol):
@@ -101,6 +101,8 @@ def noised_micro_batches(batches: PackedBatchStream, diffusion: DiffusionConfig,
                          vocab: UnifiedVocab, seed: int, step: int, count: int,
                          dp_rank: int = 0) -> list[NoisedBatch]:
     """The next ``count`` micro-batches, noised with seeds fixed by (seed, step, micro, rank)."""
+    feature_id = vocab.special_id(CONTEXT_OF_AUDIO)
     return [noise_batch(next(batches), diffusion, vocab.mask_id,
-                        torch.Generator().manual_seed(seed_for(seed, step, i, dp_rank)))
+                        torch.Generator().manual_seed(seed_for(seed, step, i, dp_rank)),
+                        feature_id)
             for i in range(count)]

@@ -17,7 +17,7 @@ import torch
 from omnidiff import UserError
 from omnidiff.data.media.reader import MediaBatch, MediaSample
 from omnidiff.data.tokens.packing import TokenSample
-from omnidiff.data.tokens.sequences import SampleError, SequenceBuilder
+from omnidiff.data.tokens.sequences import SPEECH_PLACEHOLDER, SampleError, SequenceBuilder
 from omnidiff.data.tokenizers.base import ImageTokenizer, SpeechTokenizer, load_media_tokenizer
 from omnidiff.data.tokens.vocab import UnifiedVocab
 
@@ -32,6 +32,22 @@ class Rejected:
 
     reason: str
     detail: str
+
+
+def load_speech_encoder(data):
+    """The frozen SenseVoice encoder of a continuous-speech run (``data.speech_encoder``)."""
+    if data.speech_input != "continuous" or not data.speech_encoder:
+        return None
+    from omnidiff.data.tokenizers.sensevoice import SenseVoiceSpeechEncoder
+
+    try:
+        encoder = SenseVoiceSpeechEncoder.from_pretrained(data.speech_encoder)
+    except (ValueError, FileNotFoundError) as err:
+        raise MediaTokenizerError(f"data.speech_encoder: {err}") from None
+    if encoder.output_size != data.speech_feature_size:
+        raise MediaTokenizerError(f"data.speech_encoder gives {encoder.output_size}-d features; "
+                                  f"data.speech_feature_size is {data.speech_feature_size}")
+    return encoder
 
 
 def load_tokenizers(image_ref, speech_ref, vocab: UnifiedVocab
@@ -54,18 +70,31 @@ def load_tokenizers(image_ref, speech_ref, vocab: UnifiedVocab
 
 
 class SampleTokenizer:
-    """``MediaBatch -> [TokenSample | Rejected]`` in sample order."""
+    """``MediaBatch -> [TokenSample | Rejected]`` in sample order.
+
+    With a ``speech_encoder`` (continuous speech input) the speech a sample's system / user turns
+    hold becomes that encoder's features; assistant speech (what the model says) stays codes.
+    """
 
     def __init__(self, builder: SequenceBuilder, image: ImageTokenizer, speech: SpeechTokenizer,
-                 max_length: int) -> None:
+                 max_length: int, speech_encoder=None) -> None:
         self.builder, self.image, self.speech = builder, image, speech
         self.max_length = max_length
+        self.speech_encoder = speech_encoder
+
+    def _heard(self, sample: MediaSample) -> list[bool]:
+        """Per audio clip: encoded as features (heard) rather than codes."""
+        roles = sample.record.media_roles(SPEECH_PLACEHOLDER)
+        return [self.speech_encoder is not None and role != "assistant" for role in roles]
 
     @torch.no_grad()
     def __call__(self, batch: MediaBatch) -> list[TokenSample | Rejected]:
         image_codes = self._encode_images([img for s in batch.samples for img in s.images])
-        speech_codes = _isolated(self._encode_speech,
-                                 [wav for s in batch.samples for wav in s.audios])
+        clips = [(wav, heard) for s in batch.samples for wav, heard in zip(s.audios, self._heard(s))]
+        said = iter(_isolated(self._encode_speech, [wav for wav, heard in clips if not heard]))
+        features = iter(_isolated(self.speech_encoder, [wav for wav, heard in clips if heard])
+                        if self.speech_encoder is not None else [])
+        speech_codes = [next(features) if heard else next(said) for _, heard in clips]
         out: list[TokenSample | Rejected] = []
         for sample in batch.samples:
             images = [image_codes.pop(0) for _ in sample.images]

@@ -63,7 +63,9 @@ def build_sample_source(data: DataConfig, seed: int, vocab: UnifiedVocab,
                         tokenizer: TextTokenizer, dp_rank: int = 0, dp: int = 1) -> SampleSource:
     """Data-parallel rank ``dp_rank``'s sample stream of a run's ``data`` section."""
     if data.source == "synthetic":
-        return SyntheticSource(SyntheticMultimodal(vocab, tokenizer, seed), start=dp_rank, step=dp)
+        features = data.speech_feature_size if data.speech_input == "continuous" else None
+        world = SyntheticMultimodal(vocab, tokenizer, seed, speech_feature_size=features)
+        return SyntheticSource(world, start=dp_rank, step=dp)
     specs, ratios = stage_sources(data)
     mix_seed = seed + 7919 * dp_rank  # the draw order differs per DP rank, as the data does
     if data.source == "token_shards":
@@ -71,12 +73,14 @@ def build_sample_source(data: DataConfig, seed: int, vocab: UnifiedVocab,
 
         return MixedSource({name: (lambda s=s: TokenShardSource(s, vocab, seed, dp_rank, dp))
                             for name, s in specs.items()}, ratios, mix_seed)
-    from omnidiff.data.streams.media_tokenize import SampleTokenizer, load_tokenizers
+    from omnidiff.data.streams.media_tokenize import (
+        SampleTokenizer, load_speech_encoder, load_tokenizers)
     from omnidiff.data.tokens.sequences import SequenceBuilder
     from omnidiff.data.streams.shard_stream import ShardStream, reader_config
 
     image, speech = load_tokenizers(data.image_tokenizer, data.speech_tokenizer, vocab)
-    tokenize = SampleTokenizer(SequenceBuilder(vocab, tokenizer), image, speech, data.seq_length)
+    tokenize = SampleTokenizer(SequenceBuilder(vocab, tokenizer), image, speech, data.seq_length,
+                               load_speech_encoder(data))
     return MixedSource({name: (lambda s=s: ShardStream(reader_config(data, s, seed),
                                                        tokenize, dp_rank, dp))
                         for name, s in specs.items()}, ratios, mix_seed)

@@ -27,7 +27,10 @@ class SyntheticMultimodal:
     """Deterministic concept world + sample generator."""
 
     def __init__(self, vocab: UnifiedVocab, tokenizer: TextTokenizer, seed: int = 0,
-                 image_codes_per_concept: int = 16, speech_codes_per_concept: int = 12) -> None:
+                 image_codes_per_concept: int = 16, speech_codes_per_concept: int = 12,
+                 speech_feature_size: int | None = None) -> None:
+        """``speech_feature_size``: heard speech (prompts) as ``[frames, size]`` features per
+        concept (continuous speech input) instead of codes; spoken answers stay codes."""
         self.vocab = vocab
         self.seed = seed
         self.builder = SequenceBuilder(vocab, tokenizer)
@@ -38,6 +41,8 @@ class SyntheticMultimodal:
                                          (count, image_codes_per_concept), generator=world)
         self.speech_codes = torch.randint(0, vocab.speech_codebook_size,
                                           (count, speech_codes_per_concept), generator=world)
+        self.speech_features = (None if speech_feature_size is None else torch.randn(
+            count, speech_codes_per_concept // 2, speech_feature_size, generator=world))
         self._tasks = self._task_builders()
 
     def _task_builders(self) -> dict[str, Callable[[int], TokenSample]]:
@@ -53,15 +58,18 @@ class SyntheticMultimodal:
         def speech(c: int) -> torch.Tensor:
             return self.speech_codes[c]
 
+        def heard(c: int) -> torch.Tensor:
+            return speech(c) if self.speech_features is None else self.speech_features[c]
+
         builders = {
             "captioning": lambda c: b.captioning("Describe the image.", caption(c), image(c)),
             "vqa": lambda c: b.captioning(f"What colour is the {self.concepts[c][1]}?",
                                           self.concepts[c][0], image(c), task="vqa"),
             "text_to_image": lambda c: b.text_to_image(caption(c), image(c)),
-            "asr": lambda c: b.asr(caption(c), speech(c)),
+            "asr": lambda c: b.asr(caption(c), heard(c)),
             "tts": lambda c: b.tts(caption(c), speech(c)),
-            "speech_to_image": lambda c: b.speech_to_image(speech(c), image(c)),
-            "spoken_vqa": lambda c: b.spoken_vqa(speech(c), image(c), caption(c), speech(c)),
+            "speech_to_image": lambda c: b.speech_to_image(heard(c), image(c)),
+            "spoken_vqa": lambda c: b.spoken_vqa(heard(c), image(c), caption(c), speech(c)),
             "text": lambda c: b.chat([(f"Which colour is the {caption(c)}?",
                                        self.concepts[c][0])]),
         }

@@ -32,11 +32,10 @@ class FittedTokenizers:
                 f"data.speech_tokenizer={{kind: {SPEECH_KIND}, path: {self.speech_path}}}"]
 
 
-def fit_demo_tokenizers(reader_configs: list[MediaReaderConfig], out_dir: str | Path,
-                        samples: int, image_codes: int, speech_codes: int, patch_size: int = 8,
-                        seed: int = 0, progress: bool = True) -> FittedTokenizers:
-    """Read up to ``samples`` samples, an equal share from each reader (one pass at most each,
-    so every source's media are represented), and fit both codebooks on their media."""
+def read_media(reader_configs: list[MediaReaderConfig], samples: int, progress: bool = True
+               ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Images and speech clips of up to ``samples`` samples, an equal share from each reader
+    (one pass at most each, so every source's media are represented)."""
     images: list[torch.Tensor] = []
     clips: list[torch.Tensor] = []
     share = -(-samples // len(reader_configs))
@@ -50,6 +49,32 @@ def fit_demo_tokenizers(reader_configs: list[MediaReaderConfig], out_dir: str | 
                     images += sample.images
                     clips += sample.audios
                 bar.update(min(reader.samples_read, limit) - before)
+    return images, clips
+
+
+def demo_speech_encoder(clips: list[torch.Tensor], out_dir: str | Path, output_size: int,
+                        seed: int = 0) -> Path:
+    """A small SenseVoiceSmall-layout encoder for the demo's continuous speech input: the real
+    front end with CMVN measured on ``clips``, a few SAN-M layers with random, frozen weights
+    (nothing pretrained can be downloaded here; random features of the fbank still carry what
+    was said). Saved in the released layout, so the run loads it like the real one."""
+    from omnidiff.data.tokenizers.sensevoice import (
+        SenseVoiceConfig, SenseVoiceSmall, SenseVoiceSpeechEncoder)
+
+    torch.manual_seed(seed)
+    config = SenseVoiceConfig(output_size=output_size, attention_heads=4,
+                              linear_units=2 * output_size, num_blocks=2, tp_blocks=1)
+    encoder = SenseVoiceSpeechEncoder(SenseVoiceSmall(config), None)
+    feats = torch.cat(encoder.features(clips[:256]))
+    encoder.cmvn = torch.stack([-feats.mean(0), 1 / feats.std(0).clamp(min=1e-5)])
+    return encoder.save_pretrained(out_dir)
+
+
+def fit_demo_tokenizers(reader_configs: list[MediaReaderConfig], out_dir: str | Path,
+                        samples: int, image_codes: int, speech_codes: int, patch_size: int = 8,
+                        seed: int = 0, progress: bool = True) -> FittedTokenizers:
+    """Fit both demo codebooks on the media of up to ``samples`` samples (:func:`read_media`)."""
+    images, clips = read_media(reader_configs, samples, progress)
     if not images or not clips:
         raise ValueError(f"the samples read hold {len(images)} images and {len(clips)} speech "
                          "clips; both tokenizers need some")

@@ -73,6 +73,8 @@ class NoisedBatch:
     scored_cols: torch.Tensor  # [n] long: its position in the row
     scored_tasks: torch.Tensor  # [n] long: its sample's task (index in TASKS, -1 unknown)
     cu_seqlens: torch.Tensor  # [runs + 1] int32: packed sequences of the flattened rows
+    speech_features: torch.Tensor  # [frames, dim] float: continuous speech input ([0, 0]: none)
+    speech_positions: torch.Tensor  # [frames] long: their places in the flattened rows
 
     @property
     def num_masked(self) -> int:
@@ -137,8 +139,12 @@ def _normalisation(loss_mask: torch.Tensor, batch: PackedBatch, mode: str) -> to
 
 
 def noise_batch(batch: PackedBatch, cfg: DiffusionConfig, mask_id: int,
-                generator: torch.Generator) -> NoisedBatch:
-    """Mask target tokens per the configured mode; prompts and padding are never touched."""
+                generator: torch.Generator, feature_id: int | None = None) -> NoisedBatch:
+    """Mask target tokens per the configured mode; prompts and padding are never touched.
+
+    ``feature_id``: the token (``<|context_of_audio|>``) whose places the batch's speech features
+    take, in order (prompt tokens: never masked).
+    """
     level = _mask_levels(batch, cfg, generator)
     attenuation = torch.where(batch.tail_pad_mask, cfg.tail_pad_gamma, 1.0)
     draw = torch.rand(batch.input_ids.shape, generator=generator)
@@ -165,4 +171,16 @@ def noise_batch(batch: PackedBatch, cfg: DiffusionConfig, mask_id: int,
         scored_tasks=(batch.task_ids[rows, cols] if batch.task_ids is not None
                       else torch.full_like(rows, -1)),
         cu_seqlens=packed_cu_seqlens(batch.segment_ids),
+        **_speech_inputs(batch, feature_id),
     )
+
+
+def _speech_inputs(batch: PackedBatch, feature_id: int | None) -> dict[str, torch.Tensor]:
+    features = batch.speech_features
+    if features is None or feature_id is None:
+        return {"speech_features": torch.zeros(0, 0),
+                "speech_positions": torch.zeros(0, dtype=torch.long)}
+    positions = (batch.input_ids.reshape(-1) == feature_id).nonzero().squeeze(1)
+    if len(positions) != len(features):
+        raise ValueError(f"{len(features)} speech feature frames for {len(positions)} places")
+    return {"speech_features": features, "speech_positions": positions}

@@ -16,12 +16,18 @@ from omnidiff.data.tokens.tasks import TASKS
 
 @dataclass
 class TokenSample:
-    """One training sample: token ids and which of them are targets (assistant turns)."""
+    """One training sample: token ids and which of them are targets (assistant turns).
+
+    ``speech_features`` (continuous speech input): one ``[frames, dim]`` float row per
+    ``<|context_of_audio|>`` token of the sequence, in order; the model puts their projection
+    in place of those tokens' embeddings.
+    """
 
     tokens: torch.Tensor  # [n] long
     target_mask: torch.Tensor  # [n] bool: scored (and maskable) positions
     tail_pad_mask: torch.Tensor | None = None  # [n] bool: appended end-of-text targets
     task: str = ""
+    speech_features: torch.Tensor | None = None  # [frames, dim] float, in sequence order
 
     def __post_init__(self) -> None:
         if self.tail_pad_mask is None:
@@ -34,8 +40,11 @@ class TokenSample:
 
     def to_state(self) -> dict:
         """Plain data (tensors and a string), e.g. for a checkpoint."""
-        return {"tokens": self.tokens, "target_mask": self.target_mask,
-                "tail_pad_mask": self.tail_pad_mask, "task": self.task}
+        state = {"tokens": self.tokens, "target_mask": self.target_mask,
+                 "tail_pad_mask": self.tail_pad_mask, "task": self.task}
+        if self.speech_features is not None:
+            state["speech_features"] = self.speech_features
+        return state
 
     @classmethod
     def from_state(cls, state: dict) -> TokenSample:
@@ -54,6 +63,7 @@ class PackedBatch:
     num_samples: int = 0
     task_counts: dict[str, int] = field(default_factory=dict)
     task_ids: torch.Tensor | None = None  # [batch, seq]: index in TASKS, -1 unknown / padding
+    speech_features: torch.Tensor | None = None  # [frames, dim]: the rows' features, in order
 
     def to(self, device: torch.device | str) -> PackedBatch:
         moved = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -113,6 +123,7 @@ def collate_rows(rows: list[list[TokenSample]], seq_length: int, pad_id: int) ->
     position_ids = torch.zeros(shape, dtype=torch.long)
     task_ids = torch.full(shape, -1, dtype=torch.long)
     task_counts: dict[str, int] = {}
+    features = [s.speech_features for row in rows for s in row if s.speech_features is not None]
     for r, row in enumerate(rows):
         start = 0
         for index, sample in enumerate(row, start=1):
@@ -126,7 +137,8 @@ def collate_rows(rows: list[list[TokenSample]], seq_length: int, pad_id: int) ->
             task_counts[sample.task] = task_counts.get(sample.task, 0) + 1
             start = end
     return PackedBatch(input_ids, target_mask, tail_pad_mask, segment_ids, position_ids,
-                       sum(len(r) for r in rows), task_counts, task_ids)
+                       sum(len(r) for r in rows), task_counts, task_ids,
+                       torch.cat(features) if features else None)
 
 
 def sample_lengths(segment_ids: torch.Tensor) -> list[int]:

@@ -20,7 +20,7 @@ import torch
 
 from omnidiff.data.tokens.packing import TokenSample
 from omnidiff.data.tokens.tasks import TASKS
-from omnidiff.data.tokens.vocab import TextTokenizer, UnifiedVocab
+from omnidiff.data.tokens.vocab import CONTEXT_OF_AUDIO, TextTokenizer, UnifiedVocab
 
 IMAGE_PLACEHOLDER = "<image>"
 SPEECH_PLACEHOLDER = "<speech>"
@@ -93,7 +93,12 @@ class SequenceBuilder:
         self, messages: Sequence[Message], images_codes: Sequence[Codes] = (),
         speech_codes: Sequence[Codes] = (), task: str = "",
     ) -> TokenSample:
-        """Lay out a conversation; ``images_codes`` / ``speech_codes`` fill the placeholders in order."""
+        """Lay out a conversation; ``images_codes`` / ``speech_codes`` fill the placeholders in order.
+
+        A speech entry is either codes (1-D ints: discrete speech tokens) or features (2-D float
+        ``[frames, dim]``: continuous speech input, laid out as ``frames``
+        ``<|context_of_audio|>`` placeholders whose embeddings the model replaces).
+        """
         if not messages:
             raise SampleError("sample has no messages")
         media = {IMAGE_PLACEHOLDER: list(images_codes), SPEECH_PLACEHOLDER: list(speech_codes)}
@@ -118,7 +123,10 @@ class SequenceBuilder:
         tokens = torch.cat(pieces)
         target_mask = torch.cat([torch.full((len(p),), t, dtype=torch.bool)
                                  for p, t in zip(pieces, targets)])
-        return TokenSample(tokens=tokens, target_mask=target_mask, task=task)
+        features = [torch.as_tensor(s, dtype=torch.float32) for s in speech_codes
+                    if torch.is_tensor(s) and s.is_floating_point()]
+        return TokenSample(tokens=tokens, target_mask=target_mask, task=task,
+                           speech_features=torch.cat(features) if features else None)
 
     # --- per-task shortcuts -------------------------------------------------------------------
     def captioning(self, question: str, answer: str, image: Codes,
@@ -185,6 +193,13 @@ class SequenceBuilder:
 
     def _media(self, placeholder: str, codes: Codes, index: int) -> torch.Tensor:
         vocab = self.vocab
+        if torch.is_tensor(codes) and codes.is_floating_point():  # continuous speech features
+            if placeholder != SPEECH_PLACEHOLDER or codes.dim() != 2 or not len(codes):
+                raise SampleError(f"{placeholder[1:-1]} {index}: features must be a non-empty "
+                                  "[frames, dim] float tensor for speech")
+            context = vocab.special_id(CONTEXT_OF_AUDIO)
+            return torch.tensor([vocab.begin_of_audio_id, *[context] * len(codes),
+                                 vocab.end_of_audio_id])
         if placeholder == IMAGE_PLACEHOLDER:
             begin, end, shift = vocab.begin_of_image_id, vocab.end_of_image_id, vocab.image_ids
         else:

@@ -30,6 +30,7 @@ BEGIN_OF_IMAGE = "<|begin_of_image|>"
 END_OF_IMAGE = "<|end_of_image|>"
 BEGIN_OF_AUDIO = "<|begin_of_audio|>"
 END_OF_AUDIO = "<|end_of_audio|>"
+CONTEXT_OF_AUDIO = "<|context_of_audio|>"  # a continuous speech frame's place in the sequence
 
 # Added right after the text tokenizer, in this order, by the released code: first the image /
 # video / patch / quad / ref / box group, then the audio group.
@@ -53,7 +54,7 @@ MULTIMODAL_SPECIALS = (
     "<|video|>",
     BEGIN_OF_AUDIO,
     END_OF_AUDIO,
-    "<|context_of_audio|>",
+    CONTEXT_OF_AUDIO,
     "<|audio|>",
 )
 

@@ -47,6 +47,11 @@ class StepResult:
     num_masked: int
 
 
+def speech_feature_size(cfg: EngineConfig) -> int | None:
+    """The speech projector's input size when the run hears continuous speech, else None."""
+    return cfg.data.speech_feature_size if cfg.data.speech_input == "continuous" else None
+
+
 class TrainEngine(Protocol):
     model: torch.nn.Module
 
@@ -69,7 +74,7 @@ class ModelWithLoss(torch.nn.Module):
 
     def forward(self, batch: NoisedBatch) -> torch.Tensor:
         hidden = self.model(batch.input_ids, batch.position_ids, batch.segment_ids,
-                            batch.cu_seqlens)
+                            batch.cu_seqlens, batch.speech_features, batch.speech_positions)
         return self.loss_fn(hidden, self.model.output_layer.weight, batch)
 
 

@@ -47,7 +47,6 @@ from omnidiff.parallel.model import OmniDiffusionTransformer
 from omnidiff.parallel.optim import build_optimizer, build_scheduler
 from omnidiff.parallel.resharding import is_weight, load_tp_shard
 
-StageTensors = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 class StagePipe(torch.nn.Module):
@@ -57,17 +56,18 @@ class StagePipe(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, inputs: StageTensors) -> tuple[torch.Tensor, ...]:
-        first, position_ids, segment_ids = inputs
-        hidden = self.model(first, position_ids, segment_ids)
+    def forward(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        first, position_ids, segment_ids, *speech = inputs  # speech: first stage only
+        hidden = self.model(first, position_ids, segment_ids, None, *speech)
         if self.model.post_process:
             return hidden, self.model.output_layer.weight
         return hidden, position_ids, segment_ids
 
 
-def stage_inputs(batch: NoisedBatch) -> StageTensors:
-    """What the first stage reads from a micro-batch."""
-    return batch.input_ids, batch.position_ids, batch.segment_ids
+def stage_inputs(batch: NoisedBatch) -> tuple[torch.Tensor, ...]:
+    """What the first stage reads from a micro-batch (ids, positions, segments, speech)."""
+    return (batch.input_ids, batch.position_ids, batch.segment_ids, batch.speech_features,
+            batch.speech_positions)
 
 
 def loss_inputs(batch: NoisedBatch) -> tuple[torch.Tensor, ...]:
