@@ -50,6 +50,8 @@ class PrepareSpec(ConfigSection):
     image_size: int = Field(64, gt=0)
     generated_image_size: int = Field(32, gt=0)
     speech_encoder: str | None = None  # a small demo SenseVoice (continuous speech input) here
+    # a held-out demo set in <demo_data>/heldout (other seed, same tasks), for evaluation.mixture
+    heldout_samples: int = Field(0, ge=0)
 
 
 class JobConfig(ConfigSection):

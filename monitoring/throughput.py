@@ -19,6 +19,10 @@ class ThroughputMeter:
         self._tokens += tokens
         self._flops += flops
 
+    def restart(self) -> None:
+        """Leave the time since the last report out (it went to evaluation, not training)."""
+        self._start = time.perf_counter()
+
     def report(self) -> dict[str, float]:
         elapsed = max(time.perf_counter() - self._start, 1e-9)
         out = {"tokens_per_s": self._tokens / elapsed, "model_tflops": self._flops / elapsed / 1e12}

@@ -31,6 +31,14 @@ def tracking_uri(configured: str | None, output_dir: str | Path) -> str:
     return uri or f"sqlite:///{(Path(output_dir) / DEFAULT_STORE).resolve()}"
 
 
+def local_artifact_root(uri: str) -> str | None:
+    """Artefacts of a local SQLite store go beside it (``mlartifacts/``), not into whatever
+    folder the run was started from; a server decides for itself (None)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
+
+
 def _client(uri: str):
     for key, value in _CLIENT_ENV.items():
         os.environ.setdefault(key, value)
@@ -57,7 +65,8 @@ def start_run(uri: str, experiment: str, name: str, parent_run_id: str | None = 
     try:
         client = _client(uri)
         found = client.get_experiment_by_name(experiment)
-        experiment_id = found.experiment_id if found else client.create_experiment(experiment)
+        experiment_id = found.experiment_id if found else client.create_experiment(
+            experiment, artifact_location=local_artifact_root(uri))
         tags = dict(tags or {}, **{"mlflow.runName": name})
         if parent_run_id:
             tags["mlflow.parentRunId"] = parent_run_id
@@ -97,6 +106,10 @@ class MlflowTracker:
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         self._put(lambda client: client.log_artifact(self.run_id, str(path), artifact_path))
 
+    def log_artifacts(self, folder: str | Path, artifact_path: str | None = None) -> None:
+        """Everything under ``folder`` (subfolders kept)."""
+        self._put(lambda client: client.log_artifacts(self.run_id, str(folder), artifact_path))
+
     def set_terminated(self, status: str = "FINISHED") -> None:
         self._put(lambda client: client.set_terminated(self.run_id, status))
 
@@ -135,6 +148,9 @@ class MlflowSink:
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         self.tracker.log(step, metrics)
+
+    def log_folder(self, folder: Path, under: str) -> None:
+        self.tracker.log_artifacts(folder, under)
 
     def close(self) -> None:
         self.tracker.close()

@@ -22,7 +22,8 @@ from omnidiff.monitoring.config import LoggingConfig
 from omnidiff.parallel.config import ModelConfig, OptimizerConfig, ParallelConfig, ScheduleConfig
 from omnidiff.parallel.dims import check_layout
 
-__all__ = ["CheckpointConfig", "ConfigError", "DataConfig", "DiffusionConfig", "LoggingConfig",
+__all__ = ["CheckpointConfig", "ConfigError", "DataConfig", "DiffusionConfig", "EvalConfig",
+           "LoggingConfig", "SamplerConfig",
            "MediaTokenizerRef", "ModelConfig", "OptimizerConfig", "ParallelConfig", "RunConfig",
            "ScheduleConfig", "build_config", "dump_config", "load_config"]
 
@@ -40,6 +41,40 @@ class CheckpointConfig(ConfigSection):
     export_dir: str | None = None
 
 
+class SamplerConfig(ConfigSection):
+    """How to sample; per-task defaults of the release live with the task prompts."""
+
+    steps: int = Field(64, gt=0)  # a request's own ``steps`` (a task default) wins over this
+    eps: float = Field(1e-3, gt=0, lt=1)
+    confidence: Literal["max_prob", "margin", "neg_entropy"] = "neg_entropy"
+    temperature: float = Field(0.0, ge=0)  # 0: greedy
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, gt=0)
+    position_penalty: float = Field(1.0, ge=1)  # P of REFERENCE §6; the release uses 2 for images
+    penalty_start: int = Field(100, ge=0)  # masked-position index where the penalty begins
+    repeat_penalty: float = Field(1.0, ge=1)  # on tokens already in the row (release: 1.2-1.5)
+    guidance: float = Field(0.0, ge=0)  # classifier-free guidance scale w; 0 disables
+    block_size: int | None = Field(None, gt=0)  # semi-autoregressive blocks; None: one block
+    label_shift: bool = True
+
+
+class EvalConfig(ConfigSection):
+    """Held-out evaluation (:mod:`omnidiff.platform.evaluation`): how to sample and score, and,
+    during training, which held-out data and how often."""
+
+    sampler: SamplerConfig = Field(default_factory=lambda: SamplerConfig(steps=16))
+    batch_size: int = Field(8, gt=0)
+    seed: int = 0
+    text_slack: int = Field(4, ge=0)  # extra answer masks beyond the reference's length
+    max_artifacts: int = Field(4, ge=0)  # images / WAVs kept per task
+    # a held-out media mixture (same schema as data.mixture, e.g. the demo's heldout/mixture.yaml);
+    # None: no evaluation during training. Its sources with a ratio in the run's data.stage are
+    # evaluated, samples_per_task each (the first ones of each source, always the same).
+    mixture: str | None = None
+    samples_per_task: int = Field(8, gt=0)
+    interval: int = Field(0, ge=0)  # every N steps as well as at the run's end; 0: end only
+
+
 class RunConfig(ConfigSection):
     """A whole run. ``output_dir`` holds checkpoints, logs and exports."""
 
@@ -54,10 +89,29 @@ class RunConfig(ConfigSection):
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    evaluation: EvalConfig = Field(default_factory=EvalConfig)
 
     @model_validator(mode="after")
     def _check_cross_section(self) -> RunConfig:
         check_layout(self.model, self.parallel, self.data)
+        return self
+
+    @model_validator(mode="after")
+    def _check_evaluation(self) -> RunConfig:
+        if not self.evaluation.mixture:
+            return self
+        if not (self.data.image_tokenizer and self.data.speech_tokenizer):
+            raise ValueError("evaluation.mixture reads media shards: it needs "
+                             "data.image_tokenizer and data.speech_tokenizer")
+        if not self.data.stage:
+            raise ValueError("evaluation.mixture needs data.stage (whose tasks to evaluate)")
+        if self.parallel.pipeline_parallel > 1 or self.parallel.zero_stage == 3:
+            raise ValueError("evaluation during training samples the whole model on each rank: "
+                             "it needs pipeline_parallel 1 and zero_stage < 3 (evaluate the "
+                             "export with omnidiff sample instead)")
+        if self.data.speech_input == "continuous":
+            raise ValueError("evaluation.mixture: the sampler feeds speech as codes; it does not "
+                             "take continuous speech input yet")
         return self
 
 

@@ -147,7 +147,7 @@ def run_stage(job: JobConfig, index: int, tracking: Tracking) -> StageReport:
     final = _finished(cfg)
     rows = read_metrics(stage_dir)
     report = StageReport(name, "stopped" if final is None else "complete",
-                         rows[-1]["step"] if rows else 0, rows[-1]["loss"] if rows else None)
+                         rows[-1]["step"] if rows else 0, rows[-1].get("loss") if rows else None)
     if final is None:
         return report
     export = Path(cfg.checkpoint.export_dir) if cfg.checkpoint.export_dir else None

@@ -4,13 +4,13 @@ skipped when its output exists."""
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 from omnidiff.jobs.curriculum import JobConfig, deep_merge
 from omnidiff.platform.config import build_config
 
-log = logging.getLogger("omnidiff.prepare")
+HELDOUT_DIR = "heldout"
+HELDOUT_SEED = 1  # the training set is seed 0: other scenes, photos and sentences
 
 
 def prepare(job: JobConfig) -> None:
@@ -29,6 +29,11 @@ def prepare(job: JobConfig) -> None:
     if not media_mixture.is_file():
         print(f"prepare: demo dataset ({spec.samples} samples) -> {data}")
         build_demo_dataset(data, spec.samples, image_size=max(spec.image_size, 64))
+    heldout = data / HELDOUT_DIR
+    if spec.heldout_samples and not (heldout / "mixture.yaml").is_file():
+        print(f"prepare: held-out demo set ({spec.heldout_samples} samples) -> {heldout}")
+        build_demo_dataset(heldout, spec.heldout_samples, seed=HELDOUT_SEED,
+                           image_size=max(spec.image_size, 64))
     if not (tokenizers / "speech.safetensors").is_file():
         print(f"prepare: demo tokenizers -> {tokenizers}")
         mixture = load_mixture_config(media_mixture)

@@ -31,19 +31,18 @@ from pathlib import Path
 import jiwer
 import numpy as np
 import torch
-from pydantic import Field
 from skimage.metrics import peak_signal_noise_ratio
 
-from omnidiff import ConfigSection
 from omnidiff.data.config import DiffusionConfig
 from omnidiff.data.tokenizers.base import ImageTokenizer, SpeechTokenizer
 from omnidiff.data.tokens.noising import noise_batch
 from omnidiff.data.tokens.packing import TokenSample, collate_rows
 from omnidiff.data.tokens.sequences import TTS_PROMPT
 from omnidiff.data.tokens.vocab import TextTokenizer, UnifiedVocab
+from omnidiff.platform.config import EvalConfig
 from omnidiff.platform.objective import scored_positions
 from omnidiff.platform.sampling import media
-from omnidiff.platform.sampling.sampler import GenerationRequest, LogitsFn, SamplerConfig, generate
+from omnidiff.platform.sampling.sampler import GenerationRequest, LogitsFn, SyncFn, generate
 from omnidiff.platform.sampling.tasks import (
     TaskPrompts, answer_image_codes, answer_speech_codes, answer_text, prompt_end,
     request_from_sample, split_sample)
@@ -53,14 +52,6 @@ TEXT_TASKS = ("captioning", "vqa", "asr", "text")
 IMAGE_TASKS = ("text_to_image", "speech_to_image")
 PSNR_CEILING = 100.0  # dB, reported for identical images (PSNR is infinite there)
 IMAGE_RANGE = 2.0  # images are in [-1, 1]
-
-
-class EvalConfig(ConfigSection):
-    sampler: SamplerConfig = Field(default_factory=lambda: SamplerConfig(steps=16))
-    batch_size: int = Field(8, gt=0)
-    seed: int = 0
-    text_slack: int = Field(4, ge=0)  # extra answer masks beyond the reference's length
-    max_artifacts: int = Field(4, ge=0)  # images / WAVs kept per task
 
 
 @dataclass
@@ -86,8 +77,8 @@ class _Evaluator:
 
     def __init__(self, logits_fn: LogitsFn, vocab: UnifiedVocab, tokenizer: TextTokenizer,
                  image_tokenizer: ImageTokenizer | None, speech_tokenizer: SpeechTokenizer | None,
-                 config: EvalConfig) -> None:
-        self.logits_fn, self.vocab, self.tokenizer = logits_fn, vocab, tokenizer
+                 config: EvalConfig, sync: SyncFn | None) -> None:
+        self.logits_fn, self.vocab, self.tokenizer, self.sync = logits_fn, vocab, tokenizer, sync
         self.image_tokenizer, self.speech_tokenizer = image_tokenizer, speech_tokenizer
         self.config = config
         self.prompts = TaskPrompts(vocab, tokenizer)
@@ -99,7 +90,7 @@ class _Evaluator:
         out = []
         for chunk in _chunks(requests, self.config.batch_size):
             rows = generate(self.logits_fn, chunk, self.config.sampler, mask_id=self.vocab.mask_id,
-                            vocab_size=self.vocab.size, generator=self.generator)
+                            vocab_size=self.vocab.size, generator=self.generator, sync=self.sync)
             out += [row[r.start:] for row, r in zip(rows, chunk)]
         return out
 
@@ -197,10 +188,13 @@ class _Evaluator:
 def evaluate(logits_fn: LogitsFn, samples: Sequence[TokenSample], vocab: UnifiedVocab,
              tokenizer: TextTokenizer, *, image_tokenizer: ImageTokenizer | None = None,
              speech_tokenizer: SpeechTokenizer | None = None,
-             config: EvalConfig | None = None) -> EvalReport:
-    """Every metric the samples' tasks allow (see the module docstring), with artefacts."""
+             config: EvalConfig | None = None, sync: SyncFn | None = None) -> EvalReport:
+    """Every metric the samples' tasks allow (see the module docstring), with artefacts.
+
+    ``sync``: makes the ranks of a tensor-parallel model agree on sampled tokens (``tp_sync``).
+    """
     evaluator = _Evaluator(logits_fn, vocab, tokenizer, image_tokenizer, speech_tokenizer,
-                           config or EvalConfig())
+                           config or EvalConfig(), sync)
     evaluator.masked_accuracy(samples)
     by_task: dict[str, list[TokenSample]] = defaultdict(list)
     for sample in samples:

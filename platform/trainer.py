@@ -32,6 +32,7 @@ from omnidiff.parallel.engines import build_engine
 from omnidiff.parallel.engines.base import TrainEngine
 from omnidiff.platform import checkpoint
 from omnidiff.platform.config import RunConfig, dump_config
+from omnidiff.platform.held_out import HeldOutEvaluation
 from omnidiff.platform.objective import DiffusionObjective
 from omnidiff.platform.stop import StopRequest
 
@@ -69,6 +70,8 @@ class Trainer:
                                     self.dims.dp_rank)
         self.meter = ThroughputMeter(self._peak_flops() * self.dims.world_size)
         self.stop = StopRequest()
+        self.held_out = (HeldOutEvaluation(cfg, self.vocab, tokenizer)
+                         if cfg.evaluation.mixture else None)
 
     def _micro_batches(self, step: int) -> list[NoisedBatch]:
         """This step's micro-batches, made and measured on the host."""
@@ -116,6 +119,16 @@ class Trainer:
         """Tokens and model FLOPs of this rank's micro-batches, scaled to the whole DP group."""
         tokens, flops = micro_batch_flops(self.cfg.model, self.vocab_size, micro_batches)
         self.meter.add(tokens * self.dims.dp, flops * self.dims.dp)
+
+    def _evaluate(self, step: int, metrics: MetricsLogger) -> dict[str, float]:
+        """Held-out metrics of the model as it is after ``step``; its sample artefacts go to
+        the sinks that keep files. Its time stays out of the throughput figures."""
+        values, folder = self.held_out.run(self.engine.model, step, self.output_dir,
+                                           write=self.dims.is_main)
+        if folder is not None:
+            metrics.log_folder(folder, f"eval/step_{step:08d}")
+        self.meter.restart()
+        return values
 
     # --- checkpoints -------------------------------------------------------------------------
     def _save(self, step: int) -> Path:
@@ -176,12 +189,16 @@ class Trainer:
             summary.last_step = done
             bar.set_postfix(loss=f"{result.loss:.3f}", lr=f"{result.lr:.2e}")
             stopping = self.dims.any_rank(self.stop.requested)
+            row = {}
             if logging_step or stopping:
-                metrics.log(done, {"loss": result.loss, "grad_norm": result.grad_norm,
-                                   "lr": result.lr, "masked_tokens": result.num_masked,
-                                   "skipped_steps": summary.skipped_steps,
-                                   **self._task_metrics(), **system_metrics(),
-                                   **self.meter.report(), **self.batches.metrics()})
+                row = {"loss": result.loss, "grad_norm": result.grad_norm, "lr": result.lr,
+                       "masked_tokens": result.num_masked, "skipped_steps": summary.skipped_steps,
+                       **self._task_metrics(), **system_metrics(), **self.meter.report(),
+                       **self.batches.metrics()}
+            if self.held_out and self.held_out.due(done) and not stopping:
+                row |= self._evaluate(done, metrics)
+            if row:
+                metrics.log(done, row)
             interval = cfg.checkpoint.save_interval
             due = (interval and done % interval == 0) or done == cfg.schedule.train_steps
             if (due or stopping) and not result.skipped:  # the newest checkpoint is a good one

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from fractions import Fraction
@@ -132,11 +133,13 @@ def test_media_in_and_out(run_dir, tmp_path, capsys):
                                 "--out", out, "--steps", 4, "--restrict-modality")
     assert code == 0, err
     assert Image.open(out / "t2i-0.png").size == (16, 16)
-    code, _, err = _sample(capsys, _step(run_dir), "--task", "tts", "--prompt", "red", "--out", out,
-                           "--restrict-modality")
+    code, stdout, err = _sample(capsys, _step(run_dir), "--task", "tts", "--prompt", "red",
+                                "--out", out, "--restrict-modality")
     assert code == 0, err
     wave, rate = soundfile.read(out / "tts-0.wav")
-    assert rate == 16_000 and len(wave) % 1280 == 0 and len(wave) > 0
+    codes = int(re.search(r"\((\d+) speech codes", stdout).group(1))
+    assert rate == 16_000 and codes > 0
+    assert len(wave) == codes * 1280  # the demo decoder: 12.5 codes/s at 16 kHz
     Image.fromarray(np.full((20, 24, 3), 200, dtype=np.uint8)).save(tmp_path / "in.png")
     soundfile.write(tmp_path / "in.wav", np.zeros(8000, dtype=np.float32), 8000)
     for task, flag, path in (("caption", "--image", "in.png"), ("asr", "--speech", "in.wav")):

@@ -169,9 +169,9 @@ def _report(args, answer, vocab, tokenizer, tokenizers: dict, cfg) -> None:
         codes = answer_speech_codes(answer, vocab)
         if len(codes):
             speech_tok = tokenizers["speech"]
-            wave = media.decode_speech(codes, speech_tok)
-            _write(out / f"{args.task}-{args.seed}.wav",
-                   media.wav_bytes(wave, speech_tok.decoded_sample_rate))
+            wave, rate = media.decode_speech(codes, speech_tok), speech_tok.decoded_sample_rate
+            _write(out / f"{args.task}-{args.seed}.wav", media.wav_bytes(wave, rate),
+                   f"{len(codes)} speech codes -> {len(wave) / rate:.2f} s at {rate} Hz")
         elif args.task == "tts":
             raise CommandError("the model generated no speech codes (--restrict-modality "
                                "makes it generate only speech codes)")
@@ -179,10 +179,10 @@ def _report(args, answer, vocab, tokenizer, tokenizers: dict, cfg) -> None:
         print(answer_text(answer, vocab, tokenizer))
 
 
-def _write(path: Path, data: bytes) -> None:
+def _write(path: Path, data: bytes, what: str = "") -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data)
     except OSError as err:
         raise CommandError(f"cannot write {path}: {err.strerror or err}") from None
-    print(f"wrote {path}")
+    print(f"wrote {path}" + (f" ({what})" if what else ""))

@@ -61,6 +61,7 @@ def megatron_logits_fn(model: nn.Module, group=None) -> LogitsFn:
         raise ValueError("sampling needs the whole model in one pipeline stage (PP = 1)")
     group = group if group is not None else _tp_group()
     tp = dist.get_world_size(group)
+    device = next(model.parameters()).device  # inputs go there, logits come back
 
     def logits_fn(input_ids: Tensor, position_ids: Tensor, segment_ids: Tensor) -> Tensor:
         width = input_ids.shape[1]
@@ -68,10 +69,13 @@ def megatron_logits_fn(model: nn.Module, group=None) -> LogitsFn:
         if pad:
             input_ids, position_ids, segment_ids = (
                 nn.functional.pad(t, (0, pad)) for t in (input_ids, position_ids, segment_ids))
+        host = input_ids.device
+        input_ids, position_ids, segment_ids = (
+            t.to(device) for t in (input_ids, position_ids, segment_ids))
         local = model.logits(model(input_ids, position_ids, segment_ids))  # [s, b, V / tp]
         if tp > 1:  # every TP rank's vocabulary shard
             local = torch.cat(all_gather(local, group, local.device, "logits"), dim=-1)
-        return local.transpose(0, 1)[:, :width]
+        return local.transpose(0, 1)[:, :width].to(host)
 
     return logits_fn
 

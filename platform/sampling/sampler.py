@@ -20,13 +20,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
-from pydantic import Field
 from tqdm import tqdm
 
-from omnidiff import ConfigSection
+from omnidiff.platform.config import SamplerConfig  # noqa: F401 - re-exported with the sampler
 from omnidiff.platform.sampling import rules
 
 Tensor = torch.Tensor
@@ -34,23 +32,6 @@ Tensor = torch.Tensor
 # vocabulary: padded embedding rows are never chosen)
 LogitsFn = Callable[[Tensor, Tensor, Tensor], Tensor]
 SyncFn = Callable[[Tensor], None]  # makes a token tensor identical on every rank, in place
-
-
-class SamplerConfig(ConfigSection):
-    """How to sample; per-task defaults of the release live with the task prompts."""
-
-    steps: int = Field(64, gt=0)  # a request's own ``steps`` (a task default) wins over this
-    eps: float = Field(1e-3, gt=0, lt=1)
-    confidence: Literal["max_prob", "margin", "neg_entropy"] = "neg_entropy"
-    temperature: float = Field(0.0, ge=0)  # 0: greedy
-    top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, gt=0)
-    position_penalty: float = Field(1.0, ge=1)  # P of REFERENCE §6; the release uses 2 for images
-    penalty_start: int = Field(100, ge=0)  # masked-position index where the penalty begins
-    repeat_penalty: float = Field(1.0, ge=1)  # on tokens already in the row (release: 1.2-1.5)
-    guidance: float = Field(0.0, ge=0)  # classifier-free guidance scale w; 0 disables
-    block_size: int | None = Field(None, gt=0)  # semi-autoregressive blocks; None: one block
-    label_shift: bool = True
 
 
 @dataclass
