@@ -31,3 +31,16 @@ def single_process():
     dims = topology.initialize(tp=1)
     yield dims
     topology.destroy()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """torch on one thread for a module of small models: on a shared 2-core machine two busy
+    OpenMP threads are many times slower than one. Use with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

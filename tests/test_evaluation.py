@@ -20,8 +20,8 @@ from omnidiff.platform.evaluation import PSNR_CEILING, EvalConfig, evaluate, sav
 from omnidiff.platform.hf_convert import hf_config_from
 from omnidiff.platform.hf_model import OmniDiffusionForMaskedDiffusion
 from omnidiff.platform.sampling import SamplerConfig, hf_logits_fn
-from test_sampler import one_thread  # noqa: F401 - the module's autouse fixture
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 TOKENIZER = ByteTokenizer()
 VOCAB = UnifiedVocab.from_text_tokenizer(TOKENIZER, speech_codebook_size=16, image_codebook_size=16)
 BUILDER = SequenceBuilder(VOCAB, TOKENIZER)

@@ -29,8 +29,8 @@ from omnidiff.platform.config import load_config
 from omnidiff.platform.hf_convert import hf_config_from, hf_to_megatron
 from omnidiff.platform.hf_model import OmniDiffusionForMaskedDiffusion
 from omnidiff.platform.weights import WeightsError, full_weights
-from test_sampler import one_thread  # noqa: F401 - the module's autouse fixture
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 REPO = Path(__file__).resolve().parents[1]
 ANSWER_LENGTH = 8
 QA = [("Which colour is the red circle?", "red"), ("Which shape is green?", "a star")]

@@ -28,14 +28,7 @@ MODEL = ModelConfig(preset="custom", hidden_size=64, num_layers=2, num_attention
                     num_query_groups=2, ffn_hidden_size=96, rope_theta=10_000.0)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine: one thread avoids thread contention (10x under
-    load). Autouse in every module that imports it."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class FakeModel:

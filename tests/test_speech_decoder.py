@@ -156,12 +156,7 @@ hift: !new:cosyvoice.hifigan.generator.HiFTGenerator
 """
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the machine is shared; 2 busy OpenMP threads are far slower than 1
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def randomise(module: torch.nn.Module, seed: int) -> torch.nn.Module:

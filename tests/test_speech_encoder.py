@@ -34,12 +34,7 @@ SMALL = SenseVoiceConfig(output_size=64, attention_heads=4, linear_units=128, nu
 SMALL_CTC_VOCAB = 50  # the released CTC head is [25055, 512]; it is skipped on load
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the machine is shared; 2 busy OpenMP threads are far slower than 1
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def speech_like(seconds: float, seed: int = 0) -> torch.Tensor:
