@@ -50,6 +50,9 @@ class PrepareSpec(ConfigSection):
     image_size: int = Field(64, gt=0)
     generated_image_size: int = Field(32, gt=0)
     speech_encoder: str | None = None  # a small demo SenseVoice (continuous speech input) here
+    # > 0: a byte-level BPE text tokenizer of this size fitted to the demo's texts, in
+    # <tokenizers>/text (data.text_tokenizer); 0: the runs use the byte tokenizer
+    text_vocab: int = Field(0, ge=0)
     # a held-out demo set in <demo_data>/heldout (other seed, same tasks), for evaluation.mixture
     heldout_samples: int = Field(0, ge=0)
 

@@ -294,29 +294,33 @@ def plot(result: dict, path: Path) -> str | None:
 
 
 def log_mlflow(result: dict, out_dir: Path, sweep: str, files: list[Path]) -> str | None:
-    """One MLflow run per sweep (local sqlite store in ``out_dir``), a nested run per point;
-    the reason when it could not log (the sweep's own files are written regardless)."""
+    """One MLflow run per sweep (local sqlite store in ``out_dir``), a child run per point;
+    the reason when it could not log (the sweep's own files are written regardless). Through
+    an explicit client: the process's global MLflow state (tracking URI) is left alone."""
     try:
-        import mlflow
+        from mlflow.entities import Metric, Param, RunTag
+        from mlflow.tracking import MlflowClient
 
-        mlflow.set_tracking_uri(f"sqlite:///{(out_dir / 'mlflow.db').resolve()}")
-        name = "omnidiff-bench"
-        if mlflow.get_experiment_by_name(name) is None:
-            mlflow.create_experiment(name, artifact_location=(out_dir / "mlartifacts")
-                                     .resolve().as_uri())
-        mlflow.set_experiment(name)
-        with mlflow.start_run(run_name=sweep):
-            for row in result["table"]:
-                with mlflow.start_run(run_name=row["label"], nested=True):
-                    mlflow.log_params({k: str(v) for k, v in row["point"].items()})
-                    mlflow.set_tag("status", row["status"])
-                    if row["status"] == "ok":
-                        mlflow.log_metrics({k: float(row[k]) for k in (
-                            "tokens_per_s", "tokens_per_s_per_rank", "model_tflops", "mfu",
-                            "peak_memory_bytes", "step_seconds", "peak_flops") + (
-                            ("fp8_speedup",) if "fp8_speedup" in row else ())})
-            for path in files:
-                mlflow.log_artifact(str(path))
+        from omnidiff.monitoring.tracking import start_run
+
+        uri = f"sqlite:///{(out_dir / 'mlflow.db').resolve()}"
+        parent = start_run(uri, "omnidiff-bench", sweep)
+        if parent is None:
+            return f"MLflow logging failed (no store at {uri})"
+        client, now = MlflowClient(uri), int(time.time() * 1000)
+        for row in result["table"]:
+            child = start_run(uri, "omnidiff-bench", row["label"], parent)
+            metrics = [] if row["status"] != "ok" else [
+                Metric(k, float(row[k]), now, 0) for k in (
+                    "tokens_per_s", "tokens_per_s_per_rank", "model_tflops", "mfu",
+                    "peak_memory_bytes", "step_seconds", "peak_flops", "fp8_speedup") if k in row]
+            client.log_batch(child, metrics=metrics,
+                             params=[Param(k, str(v)) for k, v in row["point"].items()],
+                             tags=[RunTag("status", row["status"])])
+            client.set_terminated(child)
+        for path in files:
+            client.log_artifact(parent, str(path))
+        client.set_terminated(parent)
     except Exception as err:  # tracking is a convenience: never lose the measured sweep
         return f"MLflow logging failed ({type(err).__name__}: {err})"
     return None

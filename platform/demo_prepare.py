@@ -21,6 +21,7 @@ def prepare(job: JobConfig) -> None:
     from omnidiff.data.media.reader import MediaReaderConfig
     from omnidiff.data.streams.mixture import load_mixture_config
     from omnidiff.data.streams.pretokenize import tokenize_shards
+    from omnidiff.data.tokenizers.demo_text import TOKENIZER_FILE, fit_text_tokenizer, shard_texts
     from omnidiff.data.tokenizers.fit import demo_speech_encoder, fit_demo_tokenizers, read_media
     from omnidiff.data.tokens.text import build_vocab
 
@@ -42,6 +43,11 @@ def prepare(job: JobConfig) -> None:
                    for name in mixture.sources]
         fit_demo_tokenizers(configs, tokenizers, min(spec.samples, 1000), spec.image_codes,
                             spec.speech_codes)
+    if spec.text_vocab and not (tokenizers / "text" / TOKENIZER_FILE).is_file():
+        print(f"prepare: demo text tokenizer ({spec.text_vocab} entries) -> {tokenizers / 'text'}")
+        mixture = load_mixture_config(media_mixture)
+        specs = [s for name in mixture.sources for s in mixture.shard_specs(name)]
+        fit_text_tokenizer(shard_texts(specs, spec.samples), tokenizers / "text", spec.text_vocab)
     run = job.stage_run_config(0)
     if spec.speech_encoder and not (Path(spec.speech_encoder) / "model.pt").is_file():
         print(f"prepare: demo speech encoder -> {spec.speech_encoder}")

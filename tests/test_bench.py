@@ -4,6 +4,7 @@ end to end (slow: spawned workers), and the FP8 sweep as it is on a GPU machine 
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -18,7 +19,8 @@ from omnidiff.monitoring.peaks import PeakMemory, gpu_peak, peak_flops
 from omnidiff.parallel import topology
 from omnidiff.parallel.engines.base import ModelWithLoss
 from omnidiff.parallel.model import build_model
-from omnidiff.platform.bench import FullLogitsObjective, run_sweep, skip_reason, write_reports
+from omnidiff.platform.bench import (
+    FullLogitsObjective, log_mlflow, run_sweep, skip_reason, write_reports)
 from omnidiff.platform.config import load_config
 from omnidiff.platform.hf_convert import hf_config_from, megatron_to_hf
 from omnidiff.platform.hf_model import OmniDiffusionForMaskedDiffusion
@@ -154,7 +156,31 @@ def test_a_tiny_sweep_end_to_end(tmp_path):
     warnings = write_reports(result, tmp_path, "tiny", mlflow=True)
     saved = json.loads((tmp_path / "results.json").read_text())
     assert len(saved["table"]) == 3 and "| point |" in (tmp_path / "results.md").read_text()
-    assert all("MLflow" in w or "matplotlib" in w for w in warnings)
+    assert all("matplotlib" in w for w in warnings)
+
+
+def test_a_sweep_is_one_mlflow_run_with_a_child_per_point(tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    figures = {"tokens_per_s": 10.0, "tokens_per_s_per_rank": 5.0, "model_tflops": 0.1,
+               "mfu": 0.4, "peak_memory_bytes": 2.0**20, "step_seconds": 1.5, "peak_flops": 1e11}
+    result = {"table": [{"label": "fp32 TP1", "point": {"precision": "fp32"}, "status": "ok",
+                         **figures},
+                        {"label": "fp8 TP1", "point": {"precision": "fp8-delayed"},
+                         "status": "skipped", "reason": "needs a CUDA GPU"}]}
+    (tmp_path / "results.md").write_text("| point |")
+    assert log_mlflow(result, tmp_path, "precision", [tmp_path / "results.md"]) is None
+    assert "MLFLOW_TRACKING_URI" not in os.environ  # the process's MLflow state is untouched
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("omnidiff-bench").experiment_id])
+    parent = next(r for r in runs if r.info.run_name == "precision")
+    children = {r.info.run_name: r for r in runs
+                if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    assert set(children) == {"fp32 TP1", "fp8 TP1"}
+    assert children["fp32 TP1"].data.metrics["tokens_per_s"] == 10.0
+    assert children["fp8 TP1"].data.tags["status"] == "skipped"
+    assert [a.path for a in client.list_artifacts(parent.info.run_id)] == ["results.md"]
 
 
 @pytest.mark.gpu

@@ -145,3 +145,22 @@ def test_command_refuses_a_non_empty_folder(tmp_path, small_build):
         run_command(str(small_build), "--samples", "8")
     with pytest.raises(CommandError, match="at least 8"):
         run_command(str(tmp_path / "new"), "--samples", "3")
+
+
+def test_fitted_text_tokenizer_round_trips_every_demo_text_in_fewer_tokens(small_build, tmp_path):
+    from omnidiff.data.tokenizers.demo_text import fit_text_tokenizer, shard_texts
+    from omnidiff.data.tokens.text import HFTextTokenizer
+
+    texts = list(shard_texts(sorted(small_build.glob("*.tar")), 10_000))
+    assert len(texts) >= 80  # every sample has a user and an assistant turn
+    tokenizer = HFTextTokenizer(fit_text_tokenizer(texts, tmp_path / "text", 400))
+    assert len(tokenizer) <= 400
+    byte_total = token_total = 0
+    for text in [*texts, "never seen: Zürich ✓ 42"]:
+        ids = tokenizer.encode(text)
+        assert tokenizer.decode(ids) == text
+        byte_total, token_total = byte_total + len(text.encode()), token_total + len(ids)
+    assert token_total < 0.6 * byte_total
+    vocab = UnifiedVocab.from_text_tokenizer(tokenizer, 16, 16)  # the chat specials are there
+    chat = SequenceBuilder(vocab, tokenizer).chat([("Which shape is red?", "a circle.")])
+    assert "a circle." in tokenizer.decode(chat.tokens[chat.target_mask].tolist())

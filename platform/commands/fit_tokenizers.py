@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 
 NAME = "fit-tokenizers"
-HELP = ("fit the built-in demo tokenizers (patch k-means images, log-mel k-means speech) to "
-        "media shards (a mixture.yaml: all its sources; or shard specs)")
+HELP = ("fit the built-in demo tokenizers (patch k-means images, log-mel k-means speech, "
+        "optionally byte-level BPE text) to media shards (a mixture.yaml: all its sources; or "
+        "shard specs)")
 
 
 def register(parser: argparse.ArgumentParser) -> None:
@@ -19,6 +20,9 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image-size", type=int, default=64, help="input images, px (data.image_size)")
     parser.add_argument("--generated-image-size", type=int, default=32,
                         help="generated images, px (data.generated_image_size)")
+    parser.add_argument("--text-vocab", type=int, default=0,
+                        help="also fit a byte-level BPE text tokenizer of this size into OUT/text "
+                        "(0: keep the byte tokenizer)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(run=run)
@@ -47,4 +51,15 @@ def run(args: argparse.Namespace) -> int:
     print(f"fitted on {fitted.images} images and {fitted.clips} speech clips; use with:")
     for line in fitted.config_lines():
         print(f"  {line}")
+    if args.text_vocab:
+        from pathlib import Path
+
+        from omnidiff.data.tokenizers.demo_text import fit_text_tokenizer, shard_texts
+
+        if args.text_vocab < 300:
+            raise CommandError(f"--text-vocab {args.text_vocab}: a byte-level BPE needs at least "
+                               "300 entries (256 bytes, the chat specials, merges)")
+        texts = shard_texts([spec for group in groups for spec in group], args.samples)
+        folder = fit_text_tokenizer(texts, Path(args.out) / "text", args.text_vocab)
+        print(f"  data.text_tokenizer={folder}")
     return 0
