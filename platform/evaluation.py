@@ -52,6 +52,7 @@ TEXT_TASKS = ("captioning", "vqa", "asr", "text")
 IMAGE_TASKS = ("text_to_image", "speech_to_image")
 PSNR_CEILING = 100.0  # dB, reported for identical images (PSNR is infinite there)
 IMAGE_RANGE = 2.0  # images are in [-1, 1]
+GRID_CELL = 128  # pixels: sample grids enlarge small (demo) images to be looked at
 
 
 @dataclass
@@ -156,7 +157,8 @@ class _Evaluator:
         if psnrs:
             self.report.metrics[f"{task}/psnr"] = sum(psnrs) / len(psnrs)
         if grid:
-            self.report.images[f"{task}_grid.png"] = media.png_bytes(media.image_grid(grid))
+            self.report.images[f"{task}_grid.png"] = media.png_bytes(
+                media.image_grid(grid, min_size=GRID_CELL))
 
     # --- text to speech, round trip ------------------------------------------------------------
     def tts_roundtrip(self, samples: Sequence[TokenSample]) -> None:

@@ -90,7 +90,7 @@ def test_a_perfect_model_scores_perfectly_and_leaves_artefacts(tokenizers, tmp_p
     written = save_artifacts(report, tmp_path)
     assert json.loads((tmp_path / "metrics.json").read_text()) == report.metrics
     grid = Image.open(tmp_path / "images" / "text_to_image_grid.png")
-    assert grid.size == (8 + 2 + 8, 8)  # generated | reference, one row
+    assert grid.size == (128 + 2 + 128, 128)  # generated | reference, one row, 8 px x 16
     wave, rate = soundfile.read(tmp_path / "audio" / "tts_0.wav")
     assert rate == 16_000 and len(wave) == 3 * 1280
     assert len(written) == 3

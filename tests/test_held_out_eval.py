@@ -89,7 +89,7 @@ def test_training_evaluates_at_the_interval_and_the_end_into_metrics_files_and_m
     assert "loss" in final  # one row per step: training and evaluation metrics together
     folder = output / "eval" / "step_00000004"
     grid = Image.open(folder / "images" / "text_to_image_grid.png")
-    assert grid.size[0] >= 2 * 16  # generated | reference
+    assert grid.size == (2 * 128 + 2, PER_TASK * 128 + 2)  # generated | reference per row
     assert sorted(p.name for p in (folder / "audio").iterdir())
     client = MlflowClient(f"sqlite:///{output / 'mlflow.db'}")
     run = client.search_runs([client.get_experiment_by_name("held-out").experiment_id])[0]

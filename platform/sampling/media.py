@@ -103,8 +103,14 @@ def png_bytes(image: Tensor) -> bytes:
     return buffer.getvalue()
 
 
-def image_grid(rows: list[list[Tensor]], gap: int = 2) -> Tensor:
-    """Images ``[3, H, W]`` (equal sizes) in rows, separated by ``gap`` white pixels."""
+def image_grid(rows: list[list[Tensor]], gap: int = 2, min_size: int = 0) -> Tensor:
+    """Images ``[3, H, W]`` (equal sizes) in rows, separated by ``gap`` white pixels; each
+    enlarged by a whole factor (nearest neighbour: codes stay visible as blocks) to at least
+    ``min_size`` pixels high."""
+    scale = max(1, -(-min_size // rows[0][0].shape[1]))
+    rows = [[image.repeat_interleave(scale, 1).repeat_interleave(scale, 2) for image in row]
+            for row in rows]
+
     def join(images: list[Tensor], dim: int) -> Tensor:
         shape = list(images[0].shape)
         shape[dim] = gap
