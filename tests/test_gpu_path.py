@@ -154,6 +154,22 @@ def test_fp8_config_reaches_megatron(monkeypatch, recipe):
     assert config.bf16 and config.params_dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("cuda, te", [(False, False), (True, False), (True, True)])
+def test_cuda_fusions_are_chosen_where_megatron_supports_them(monkeypatch, cuda, te):
+    """Fused SwiGLU on any CUDA run; fused RoPE only with Transformer Engine (megatron refuses
+    the flag without it); neither on the CPU, where the suite runs the unfused reference."""
+    monkeypatch.setattr("omnidiff.parallel.model.require_gpu_stack", lambda parallel: None)
+    monkeypatch.setattr("omnidiff.parallel.model.transformer_engine_problem", lambda: None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    # megatron checks that TE's fused RoPE kernel exists: pretend it does (it is never called)
+    monkeypatch.setattr("megatron.core.models.common.embeddings.rope_utils."
+                        "fused_apply_rotary_pos_emb", lambda *args: None)
+    cfg = load_config(None, [f"parallel.transformer_engine={str(te).lower()}"])
+    config = transformer_config(cfg.model, cfg.parallel)
+    assert (config.bias_activation_fusion, config.apply_rope_fusion) == (cuda, te)
+    assert not config.gradient_accumulation_fusion  # DeepSpeed never creates main_grad
+
+
 def test_optimizer_on_cpu_is_torch_adamw():
     cfg = load_config(None, ["model.num_layers=1"])
     model = torch.nn.Linear(4, 4)
