@@ -1,7 +1,9 @@
 """Held-out evaluation of a model given as a ``logits_fn``: metrics plus sample artefacts.
 
 * every task: masked-token accuracy from one noised forward (the training noising, seeded; no
-  sampling): ``<task>/masked_accuracy`` and the overall ``masked_accuracy``;
+  sampling): ``<task>/masked_accuracy`` and the overall ``masked_accuracy``; for tasks with an
+  image or speech input, the same with another sample's input (the chance level of a model
+  that ignores its input): ``<task>/masked_accuracy_blind`` and ``<task>/input_gain``;
 * text answers (captioning, VQA, ASR, text chat): sampled with the platform sampler, compared with
   the reference after lower-casing and collapsing whitespace: ``<task>/exact_match`` and the
   corpus word error rate ``<task>/wer`` (``jiwer``);
@@ -25,7 +27,7 @@ import json
 import re
 from collections import Counter, defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import jiwer
@@ -101,6 +103,46 @@ class _Evaluator:
     # --- masked-token accuracy ---------------------------------------------------------------
     @torch.no_grad()
     def masked_accuracy(self, samples: Sequence[TokenSample]) -> None:
+        hits, counts = self._masked_hits(samples)
+        for task in counts:
+            self.report.metrics[f"{task}/masked_accuracy"] = hits[task] / counts[task]
+        if counts:
+            self.report.metrics["masked_accuracy"] = sum(hits.values()) / sum(counts.values())
+
+    @torch.no_grad()
+    def input_gain(self, samples: Sequence[TokenSample]) -> None:
+        """The chance level of tasks with a media input: masked-token accuracy with each
+        prompt's media codes taken from another held-out sample of the task (same code count,
+        so the same positions are masked as in the run with the sample's own input, which is
+        repeated on the same samples). ``<task>/input_gain`` = own-input minus blind accuracy:
+        what the model takes from what it is shown or told; about 0 means it ignores it."""
+        pairs = [(sample, blind) for sample in samples
+                 if (blind := self._other_input(sample, samples)) is not None]
+        if not pairs:
+            return
+        own, counts = self._masked_hits([own for own, _ in pairs])
+        blind, _ = self._masked_hits([blind for _, blind in pairs])
+        for task in counts:
+            self.report.metrics[f"{task}/masked_accuracy_blind"] = blind[task] / counts[task]
+            self.report.metrics[f"{task}/input_gain"] = (own[task] - blind[task]) / counts[task]
+
+    def _other_input(self, sample: TokenSample, samples: Sequence[TokenSample]) -> TokenSample | None:
+        prompt = torch.arange(len(sample.tokens)) < prompt_end(sample)
+        media = (self.vocab.is_image(sample.tokens) | self.vocab.is_speech(sample.tokens)) & prompt
+        if not media.any() or sample.speech_features is not None:
+            return None
+        for other in samples:
+            theirs = ((self.vocab.is_image(other.tokens) | self.vocab.is_speech(other.tokens))
+                      & (torch.arange(len(other.tokens)) < prompt_end(other)))
+            if (other is not sample and other.task == sample.task
+                    and int(theirs.sum()) == int(media.sum())
+                    and not torch.equal(other.tokens[theirs], sample.tokens[media])):
+                tokens = sample.tokens.clone()
+                tokens[media] = other.tokens[theirs]
+                return replace(sample, tokens=tokens)
+        return None
+
+    def _masked_hits(self, samples: Sequence[TokenSample]) -> tuple[Counter, Counter]:
         noising = DiffusionConfig(tail_pad=False)
         generator = torch.Generator().manual_seed(self.config.seed)
         hits, counts = Counter(), Counter()
@@ -113,10 +155,7 @@ class _Evaluator:
             for row, hit in zip(rows.tolist(), right.tolist()):
                 hits[chunk[row].task] += hit
                 counts[chunk[row].task] += 1
-        for task in counts:
-            self.report.metrics[f"{task}/masked_accuracy"] = hits[task] / counts[task]
-        if counts:
-            self.report.metrics["masked_accuracy"] = sum(hits.values()) / sum(counts.values())
+        return hits, counts
 
     # --- text answers ------------------------------------------------------------------------
     def text_answers(self, task: str, samples: Sequence[TokenSample]) -> None:
@@ -198,6 +237,7 @@ def evaluate(logits_fn: LogitsFn, samples: Sequence[TokenSample], vocab: Unified
     evaluator = _Evaluator(logits_fn, vocab, tokenizer, image_tokenizer, speech_tokenizer,
                            config or EvalConfig(), sync)
     evaluator.masked_accuracy(samples)
+    evaluator.input_gain(samples)
     by_task: dict[str, list[TokenSample]] = defaultdict(list)
     for sample in samples:
         by_task[sample.task].append(sample)
