@@ -85,6 +85,11 @@ class DataConfig(ConfigSection):
                              "tokenizer has its own size")
         return self
 
+    @property
+    def heard_feature_size(self) -> int | None:
+        """The speech projector's input size when the model hears continuous speech, else None."""
+        return self.speech_feature_size if self.speech_input == "continuous" else None
+
     @model_validator(mode="after")
     def _check_speech_input(self) -> DataConfig:
         if self.speech_input == "continuous":

@@ -35,9 +35,9 @@ def prepare(job: JobConfig) -> None:
         print(f"prepare: held-out demo set ({spec.heldout_samples} samples) -> {heldout}")
         build_demo_dataset(heldout, spec.heldout_samples, seed=HELDOUT_SEED,
                            image_size=max(spec.image_size, 64))
+    mixture = load_mixture_config(media_mixture)
     if not (tokenizers / "speech.safetensors").is_file():
         print(f"prepare: demo tokenizers -> {tokenizers}")
-        mixture = load_mixture_config(media_mixture)
         configs = [MediaReaderConfig(shards=mixture.shard_specs(name), image_size=spec.image_size,
                                      generated_image_size=spec.generated_image_size)
                    for name in mixture.sources]
@@ -45,13 +45,11 @@ def prepare(job: JobConfig) -> None:
                             spec.speech_codes)
     if spec.text_vocab and not (tokenizers / "text" / TOKENIZER_FILE).is_file():
         print(f"prepare: demo text tokenizer ({spec.text_vocab} entries) -> {tokenizers / 'text'}")
-        mixture = load_mixture_config(media_mixture)
         specs = [s for name in mixture.sources for s in mixture.shard_specs(name)]
         fit_text_tokenizer(shard_texts(specs, spec.samples), tokenizers / "text", spec.text_vocab)
     run = job.stage_run_config(0)
     if spec.speech_encoder and not (Path(spec.speech_encoder) / "model.pt").is_file():
         print(f"prepare: demo speech encoder -> {spec.speech_encoder}")
-        mixture = load_mixture_config(media_mixture)
         configs = [MediaReaderConfig(shards=mixture.shard_specs(name)) for name in mixture.sources]
         _, clips = read_media(configs, min(spec.samples, 400))
         size = run.get("data", {}).get("speech_feature_size", 512)

@@ -116,8 +116,7 @@ class _Evaluator:
         so the same positions are masked as in the run with the sample's own input, which is
         repeated on the same samples). ``<task>/input_gain`` = own-input minus blind accuracy:
         what the model takes from what it is shown or told; about 0 means it ignores it."""
-        pairs = [(sample, blind) for sample in samples
-                 if (blind := self._other_input(sample, samples)) is not None]
+        pairs = self._blind_pairs(samples)
         if not pairs:
             return
         own, counts = self._masked_hits([own for own, _ in pairs])
@@ -126,21 +125,28 @@ class _Evaluator:
             self.report.metrics[f"{task}/masked_accuracy_blind"] = blind[task] / counts[task]
             self.report.metrics[f"{task}/input_gain"] = (own[task] - blind[task]) / counts[task]
 
-    def _other_input(self, sample: TokenSample, samples: Sequence[TokenSample]) -> TokenSample | None:
-        prompt = torch.arange(len(sample.tokens)) < prompt_end(sample)
-        media = (self.vocab.is_image(sample.tokens) | self.vocab.is_speech(sample.tokens)) & prompt
-        if not media.any() or sample.speech_features is not None:
-            return None
-        for other in samples:
-            theirs = ((self.vocab.is_image(other.tokens) | self.vocab.is_speech(other.tokens))
-                      & (torch.arange(len(other.tokens)) < prompt_end(other)))
-            if (other is not sample and other.task == sample.task
-                    and int(theirs.sum()) == int(media.sum())
-                    and not torch.equal(other.tokens[theirs], sample.tokens[media])):
-                tokens = sample.tokens.clone()
-                tokens[media] = other.tokens[theirs]
-                return replace(sample, tokens=tokens)
-        return None
+    def _input_media(self, sample: TokenSample) -> Tensor:
+        """Where the sample's prompt holds image or speech codes (what the model is shown)."""
+        tokens = sample.tokens
+        media = self.vocab.is_image(tokens) | self.vocab.is_speech(tokens)
+        return media & (torch.arange(len(tokens)) < prompt_end(sample))
+
+    def _blind_pairs(self, samples: Sequence[TokenSample]) -> list[tuple[TokenSample, TokenSample]]:
+        """(sample, the sample with another same-task sample's input codes of the same count)
+        for every sample with such a partner (continuous speech input: none)."""
+        media = [self._input_media(sample) for sample in samples]
+        pairs = []
+        for sample, mine in zip(samples, media):
+            if not mine.any() or sample.speech_features is not None:
+                continue
+            for other, theirs in zip(samples, media):
+                if (other.task == sample.task and int(theirs.sum()) == int(mine.sum())
+                        and not torch.equal(other.tokens[theirs], sample.tokens[mine])):
+                    tokens = sample.tokens.clone()
+                    tokens[mine] = other.tokens[theirs]
+                    pairs.append((sample, replace(sample, tokens=tokens)))
+                    break
+        return pairs
 
     def _masked_hits(self, samples: Sequence[TokenSample]) -> tuple[Counter, Counter]:
         noising = DiffusionConfig(tail_pad=False)

@@ -38,7 +38,6 @@ from omnidiff.data.tokens.text import build_vocab
 from omnidiff.data.tokens.vocab import CHAT_SPECIALS, MULTIMODAL_SPECIALS, UnifiedVocab
 from omnidiff.parallel.resharding import to_portable_names
 from omnidiff.platform import checkpoint, hf_model
-from omnidiff.parallel.engines.base import speech_feature_size
 from omnidiff.platform.config import RunConfig, build_config, dump_config
 from omnidiff.platform.hf_convert import hf_config_from, megatron_to_hf
 from omnidiff.platform.sampling.models import RUN_CONFIG
@@ -135,7 +134,7 @@ def _write_config(cfg: RunConfig, vocab: UnifiedVocab, rows: int, dtype: str, ou
     config = hf_config_from(cfg.model, rows, mask_token_id=vocab.mask_id,
                             pad_token_id=vocab.eos_id, label_shift=cfg.diffusion.label_shift,
                             real_vocab_size=vocab.size,
-                            speech_feature_size=speech_feature_size(cfg))
+                            speech_feature_size=cfg.data.heard_feature_size)
     config.bos_token_id = vocab.eos_id  # Dream: <|endoftext|> is pad, eos and bos
     config.architectures = [hf_model.OmniDiffusionForMaskedDiffusion.__name__]
     config.auto_map = dict(AUTO_MAP)

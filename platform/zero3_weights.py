@@ -37,7 +37,6 @@ from omnidiff.parallel.optim import parameter_groups
 from omnidiff.parallel.resharding import layout_of, merge_state_dicts, shard, to_portable_names
 from omnidiff.platform import checkpoint
 from omnidiff.platform.config import RunConfig, build_config
-from omnidiff.parallel.engines.base import speech_feature_size
 from omnidiff.platform.hf_convert import megatron_shapes
 
 Tensor = torch.Tensor
@@ -63,7 +62,7 @@ def zero3_full_weights(checkpoint_dir: str | Path) -> dict[str, Tensor]:
     for rank in range(world):
         dims = ParallelDims(world, tp, cfg.parallel.pipeline_parallel, rank=rank)
         partitions[dims.tp_rank][dims.dp_rank] = _flat_partition(path, rank, world)
-    full_shapes = megatron_shapes(cfg.model, rows, speech_feature_size(cfg))
+    full_shapes = megatron_shapes(cfg.model, rows, cfg.data.heard_feature_size)
     shards = []
     for tp_rank in range(tp):
         shapes = {name: _tp_shape(name, full_shapes, tp_rank, tp) for name in order}

@@ -100,8 +100,10 @@ def _run(hostile, tmp_path, **data) -> tuple[subprocess.CompletedProcess, list[d
            "schedule": {"train_steps": 40}, "logging": {"log_interval": 1, "progress_bar": False}}
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump(raw))
-    probe = ("import resource, sys; from omnidiff.platform.cli import main; code = main(sys.argv[1:]);"
-             " print('maxrss_kb', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(code)")
+    # VmHWM, not ru_maxrss: the latter would include this (pytest) process's peak (fork + exec)
+    probe = ("import sys; from omnidiff.monitoring.peaks import peak_rss_bytes;"
+             " from omnidiff.platform.cli import main; code = main(sys.argv[1:]);"
+             " print('maxrss_kb', peak_rss_bytes() // 1024); sys.exit(code)")
     done = subprocess.run([sys.executable, "-c", probe, "train", str(config)], cwd=REPO,
                           capture_output=True, text=True, timeout=1200)
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()] \

@@ -68,7 +68,7 @@ def _snapshot(state: dict) -> dict:
     buffer = io.BytesIO()
     torch.save(state, buffer)
     buffer.seek(0)
-    return torch.load(buffer, weights_only=False)
+    return torch.load(buffer, weights_only=True)  # engine states load without pickle code
 
 
 def _pipeline_worker(out_dir: str, tp: int) -> None:

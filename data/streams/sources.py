@@ -63,8 +63,8 @@ def build_sample_source(data: DataConfig, seed: int, vocab: UnifiedVocab,
                         tokenizer: TextTokenizer, dp_rank: int = 0, dp: int = 1) -> SampleSource:
     """Data-parallel rank ``dp_rank``'s sample stream of a run's ``data`` section."""
     if data.source == "synthetic":
-        features = data.speech_feature_size if data.speech_input == "continuous" else None
-        world = SyntheticMultimodal(vocab, tokenizer, seed, speech_feature_size=features)
+        world = SyntheticMultimodal(vocab, tokenizer, seed,
+                                    speech_feature_size=data.heard_feature_size)
         return SyntheticSource(world, start=dp_rank, step=dp)
     specs, ratios = stage_sources(data)
     mix_seed = seed + 7919 * dp_rank  # the draw order differs per DP rank, as the data does

@@ -6,9 +6,9 @@ inputs: on GPU ``torch.cuda.max_memory_allocated`` minus the allocation after th
 made; on CPU (no allocator statistics) the process's peak RSS (``VmHWM``) minus its RSS after
 the warm-up steps, with their gradients freed (``monitoring.peaks.PeakMemory``). Nothing before
 that point counts: the peak-RSS mark is reset there (proc(5) clear_refs), so the difference is
-a steady-state step's own high-water mark, weight and hidden gradients included (a training step keeps them), and
-first-iteration one-off costs (code paged in, library buffers) left out, as the GPU allocator's
-statistics leave them out.
+a steady-state step's own high-water mark, weight and hidden gradients included (a training
+step keeps them), and first-iteration one-off costs (code paged in, library buffers) left out,
+as the GPU allocator's statistics leave them out.
 
 Run: ``python -m omnidiff.jobs.benchmarks.bench_masked_head`` (or this file directly).
 """

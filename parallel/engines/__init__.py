@@ -18,7 +18,7 @@ import torch
 
 from omnidiff.parallel import topology
 from omnidiff.parallel.dims import ParallelDims
-from omnidiff.parallel.engines.base import EngineConfig, LossFn, TrainEngine, speech_feature_size
+from omnidiff.parallel.engines.base import EngineConfig, LossFn, TrainEngine
 from omnidiff.parallel.model import OmniDiffusionTransformer, build_model, transformer_config
 from omnidiff.parallel.resharding import is_weight, load_tp_shard
 from omnidiff.parallel.specs import layer_spec_for
@@ -44,13 +44,13 @@ def build_engine(cfg: EngineConfig, dims: ParallelDims, vocab_size: int, loss_fn
             return OmniDiffusionTransformer(
                 config, vocab_size, cfg.model.rope_theta, spec, pre_process=stage == 0,
                 post_process=stage == dims.pp - 1, num_layers=config.num_layers // dims.pp,
-                speech_feature_size=speech_feature_size(cfg)).to(dims.device)
+                speech_feature_size=cfg.data.heard_feature_size).to(dims.device)
 
         return PipelineEngine(cfg, dims, loss_fn, build_stage, initial_weights)
     # Built on the host (so TP shards are slices of the TP=1 weights), then moved to this
     # rank's device before any optimizer sees the parameters (fused kernels on CUDA).
     model = build_model(cfg.model, cfg.parallel, vocab_size,
-                        speech_feature_size=speech_feature_size(cfg))
+                        speech_feature_size=cfg.data.heard_feature_size)
     if initial_weights is not None:
         names = {key: key for key, value in model.state_dict().items() if is_weight(key, value)}
         load_tp_shard(model, initial_weights, names, dims.tp_rank, dims.tp)

@@ -47,11 +47,6 @@ class StepResult:
     num_masked: int
 
 
-def speech_feature_size(cfg: EngineConfig) -> int | None:
-    """The speech projector's input size when the run hears continuous speech, else None."""
-    return cfg.data.speech_feature_size if cfg.data.speech_input == "continuous" else None
-
-
 class TrainEngine(Protocol):
     model: torch.nn.Module
 

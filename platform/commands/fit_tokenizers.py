@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 NAME = "fit-tokenizers"
+MIN_TEXT_VOCAB = 300
 HELP = ("fit the built-in demo tokenizers (patch k-means images, log-mel k-means speech, "
         "optionally byte-level BPE text) to media shards (a mixture.yaml: all its sources; or "
         "shard specs)")
@@ -38,6 +40,9 @@ def run(args: argparse.Namespace) -> int:
     if len(args.data) == 1 and args.data[0].endswith((".yaml", ".yml")):
         mixture = load_mixture_config(args.data[0])
         groups = [mixture.shard_specs(name) for name in mixture.sources]
+    if args.text_vocab and args.text_vocab < MIN_TEXT_VOCAB:
+        raise CommandError(f"--text-vocab {args.text_vocab}: a byte-level BPE needs at least "
+                           f"{MIN_TEXT_VOCAB} entries (256 bytes, the chat specials, merges)")
     for size in (args.image_size, args.generated_image_size):
         if size % args.patch_size:
             raise CommandError(f"image sizes must be multiples of --patch-size {args.patch_size}, "
@@ -52,13 +57,8 @@ def run(args: argparse.Namespace) -> int:
     for line in fitted.config_lines():
         print(f"  {line}")
     if args.text_vocab:
-        from pathlib import Path
-
         from omnidiff.data.tokenizers.demo_text import fit_text_tokenizer, shard_texts
 
-        if args.text_vocab < 300:
-            raise CommandError(f"--text-vocab {args.text_vocab}: a byte-level BPE needs at least "
-                               "300 entries (256 bytes, the chat specials, merges)")
         texts = shard_texts([spec for group in groups for spec in group], args.samples)
         folder = fit_text_tokenizer(texts, Path(args.out) / "text", args.text_vocab)
         print(f"  data.text_tokenizer={folder}")
