@@ -24,6 +24,7 @@ SIZES = {"small": (0.08, 0.13), "large": (0.22, 0.30)}  # radius as a fraction o
 RELATIONS = ("above", "below", "to the left of", "to the right of")
 NUMBER_WORDS = ("one", "two")
 BACKGROUNDS = ((250, 250, 250), (235, 235, 235), (245, 240, 225), (225, 235, 245))
+SINGLE_SHAPE_FRACTION = 0.6  # the rest are two-shape scenes
 
 CAPTION_QUESTIONS = ("Describe the image.", "What is in this picture?",
                      "Write a short caption for this image.", "What do you see?")
@@ -105,7 +106,7 @@ def speech_words() -> set[str]:
 
 
 def random_scene(rng: np.random.Generator) -> Scene:
-    if rng.random() < 0.35:
+    if rng.random() < SINGLE_SHAPE_FRACTION:
         return Scene((Item(str(rng.choice(list(COLORS))), str(rng.choice(SHAPES)),
                            str(rng.choice(list(SIZES)))),))
     colors = rng.choice(list(COLORS), size=2, replace=False)
