@@ -6,7 +6,10 @@
   that ignores its input): ``<task>/masked_accuracy_blind`` and ``<task>/input_gain``;
 * text answers (captioning, VQA, ASR, text chat): sampled with the platform sampler, compared with
   the reference after lower-casing and collapsing whitespace: ``<task>/exact_match`` and the
-  corpus word error rate ``<task>/wer`` (``jiwer``);
+  corpus word error rate ``<task>/wer`` (``jiwer``); captions of the demo's scenes are also
+  scored on what they must read from the image, the first colour and shape word:
+  ``captioning/color_accuracy`` and ``captioning/shape_accuracy`` (over references naming one;
+  chance 1/8 and 1/5);
 * images (text-to-image, speech-to-image): ``<task>/code_accuracy`` (generated vs reference code
   at each position) and ``<task>/psnr`` between the decoded generated and decoded reference codes.
   PSNR rather than SSIM: it is defined for the demo's 32-pixel images (SSIM's 7x7 windows cover a
@@ -36,6 +39,7 @@ import torch
 from skimage.metrics import peak_signal_noise_ratio
 
 from omnidiff.data.config import DiffusionConfig
+from omnidiff.data.demo.scenes import caption_attributes
 from omnidiff.data.tokenizers.base import ImageTokenizer, SpeechTokenizer
 from omnidiff.data.tokens.noising import noise_batch
 from omnidiff.data.tokens.packing import TokenSample, collate_rows
@@ -173,6 +177,18 @@ class _Evaluator:
         self.report.metrics[f"{task}/exact_match"] = sum(
             h == r for h, r in zip(hypotheses, truths)) / len(truths)
         self.report.metrics[f"{task}/wer"] = jiwer.wer(truths, hypotheses)
+        if task == "captioning":
+            self.scene_attributes(task, truths, hypotheses)
+
+    def scene_attributes(self, task: str, truths: list[str], hypotheses: list[str]) -> None:
+        hits, counts = Counter(), Counter()
+        for truth, hypothesis in zip(truths, hypotheses):
+            said = caption_attributes(hypothesis)
+            for name, word in caption_attributes(truth).items():
+                counts[name] += 1
+                hits[name] += said.get(name) == word
+        for name in counts:
+            self.report.metrics[f"{task}/{name}_accuracy"] = hits[name] / counts[name]
 
     def text(self, answer: Tensor) -> str:
         return _normalise(answer_text(answer, self.vocab, self.tokenizer))

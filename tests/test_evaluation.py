@@ -10,6 +10,7 @@ import soundfile
 import torch
 from PIL import Image
 
+from omnidiff.data.demo.scenes import caption_attributes
 from omnidiff.data.tokenizers.demo_image import PatchKMeansImageTokenizer
 from omnidiff.data.tokenizers.demo_speech import MelKMeansSpeechTokenizer
 from omnidiff.data.tokens.sequences import SequenceBuilder
@@ -83,6 +84,7 @@ def test_a_perfect_model_scores_perfectly_and_leaves_artefacts(tokenizers, tmp_p
         "masked_accuracy": 1.0, "captioning/masked_accuracy": 1.0, "asr/masked_accuracy": 1.0,
         "text_to_image/masked_accuracy": 1.0, "tts/masked_accuracy": 1.0,
         "captioning/exact_match": 1.0, "captioning/wer": 0.0,
+        "captioning/color_accuracy": 1.0, "captioning/shape_accuracy": 1.0,
         "asr/exact_match": 1.0, "asr/wer": 0.0,
         "text_to_image/code_accuracy": 1.0, "text_to_image/psnr": PSNR_CEILING,
         "tts/roundtrip_wer": 0.0,
@@ -109,6 +111,24 @@ def test_metrics_are_per_task(tokenizers):
     assert metrics["text_to_image/psnr"] < PSNR_CEILING
     assert metrics["tts/roundtrip_wer"] == 1.0  # speech no one can transcribe
     assert 0.0 < metrics["masked_accuracy"] < 1.0
+
+
+def test_captions_are_scored_on_the_scene_colour_and_shape_they_name(tokenizers):
+    """An oracle that knows the image of "red circle" as "green circle": colour wrong in 1 of 2
+    captions, shape right in both; a caption naming neither counts in neither."""
+    held_out = [*_held_out()[:2], BUILDER.captioning("Describe the image.", "a photo", [2, 2, 1, 1])]
+    told = [BUILDER.captioning("Describe the image.", "green circle", [1, 2, 3, 4]), *held_out[1:]]
+    metrics = _evaluate(Oracle(told), tokenizers, held_out).metrics
+    assert metrics["captioning/color_accuracy"] == 0.5
+    assert metrics["captioning/shape_accuracy"] == 1.0
+    assert metrics["captioning/exact_match"] == pytest.approx(2 / 3)
+
+
+def test_caption_attributes_are_the_first_colour_and_shape_word():
+    assert caption_attributes("A large red star to the left of a blue square.") == {
+        "color": "red", "shape": "star"}
+    assert caption_attributes("The star.") == {"shape": "star"}
+    assert caption_attributes("A smiling astronaut.") == {}
 
 
 def test_a_real_model_runs_every_metric(tokenizers):

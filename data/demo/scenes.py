@@ -9,6 +9,7 @@ the speech word library can say every spoken text.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -90,6 +91,19 @@ class Scene:
                           f"the {first.color} {first.shape} is {self.relation} "
                           f"the {second.color} {second.shape}"))
         return pairs
+
+
+def caption_attributes(text: str) -> dict[str, str]:
+    """The first colour and the first shape word a text names (``color`` / ``shape`` keys, only
+    those it names): what a caption of a scene must read from the image. Chance for a model
+    that does not look: 1 / 8 for the colour, 1 / 5 for the shape."""
+    words = re.findall(r"[a-z]+", text.lower())
+    found = {}
+    for name, vocabulary in (("color", COLORS), ("shape", SHAPES)):
+        word = next((w for w in words if w in vocabulary), None)
+        if word is not None:
+            found[name] = word
+    return found
 
 
 def article(word: str) -> str:
