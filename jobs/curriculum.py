@@ -56,6 +56,17 @@ class PrepareSpec(ConfigSection):
     # a held-out demo set in <demo_data>/heldout (other seed, same tasks), for evaluation.mixture
     heldout_samples: int = Field(0, ge=0)
 
+    @field_validator("text_vocab")
+    @classmethod
+    def _bpe_size(cls, size: int) -> int:
+        """Refused here, not after minutes of fitting the media tokenizers first."""
+        from omnidiff.data.tokenizers.demo_text import MIN_TEXT_VOCAB
+
+        if 0 < size < MIN_TEXT_VOCAB:
+            raise ValueError(f"a byte-level BPE needs at least {MIN_TEXT_VOCAB} entries (256 "
+                             f"bytes, the chat specials, merges); 0 keeps the byte tokenizer")
+        return size
+
 
 class JobConfig(ConfigSection):
     """A curriculum job: shared run config, stages in order, init, preparation, cluster."""

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from omnidiff.monitoring.sinks import JsonlSink, read_metrics
 
@@ -74,3 +75,26 @@ def test_metrics_are_strict_json_and_a_resume_replaces_the_tail(tmp_path):
     assert [(r["step"], r["loss"]) for r in read_metrics(tmp_path)] == [(1, 2.0), (2, None),
                                                                       (3, 0.5)]
     assert not math.isnan(read_metrics(tmp_path)[0]["loss"])
+
+
+def test_too_small_text_vocabulary_is_refused_before_any_fitting(tmp_path):
+    """The BPE size check sits with the fitter (MIN_TEXT_VOCAB) and is read by both ways in:
+    a job's prepare section and ``fit-tokenizers --text-vocab``, each before the slow work."""
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump({
+        "name": "j", "output_dir": str(tmp_path / "out"),
+        "prepare": {"demo_data": str(tmp_path / "data"), "tokenizers": str(tmp_path / "tok"),
+                    "text_vocab": 100},
+        "stages": [{"name": "s1"}]}))
+    result = _cli("curriculum", str(job), cwd=tmp_path)
+    assert result.returncode == 2
+    assert "prepare.text_vocab" in _one_error_line(result) and "300" in result.stderr
+    assert not (tmp_path / "data").exists()  # nothing was built
+    mixture = tmp_path / "mixture.yaml"
+    mixture.write_text(yaml.safe_dump({"sources": {"a": {"shards": ["a-000000.tar"]}},
+                                       "stages": {"s": {"a": 1.0}}}))
+    result = _cli("fit-tokenizers", str(mixture), "--out", str(tmp_path / "tok"),
+                  "--text-vocab", "100", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "--text-vocab 100" in _one_error_line(result)
+    assert not (tmp_path / "tok").exists()

@@ -20,6 +20,7 @@ from omnidiff.data.tokens.sequences import IMAGE_PLACEHOLDER, SPEECH_PLACEHOLDER
 from omnidiff.data.tokens.vocab import CHAT_SPECIALS, ENDOFTEXT
 
 TOKENIZER_FILE = "tokenizer.json"
+MIN_TEXT_VOCAB = 300  # the 256 byte symbols, the chat specials and some merges
 
 
 def shard_texts(specs: Iterable[str | Path], limit: int) -> Iterator[str]:

@@ -6,7 +6,6 @@ import argparse
 from pathlib import Path
 
 NAME = "fit-tokenizers"
-MIN_TEXT_VOCAB = 300
 HELP = ("fit the built-in demo tokenizers (patch k-means images, log-mel k-means speech, "
         "optionally byte-level BPE text) to media shards (a mixture.yaml: all its sources; or "
         "shard specs)")
@@ -31,6 +30,7 @@ def register(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from omnidiff.data.tokenizers.demo_text import MIN_TEXT_VOCAB
     from omnidiff.data.tokenizers.fit import fit_demo_tokenizers
     from omnidiff.data.media.reader import MediaReaderConfig
     from omnidiff.data.streams.mixture import load_mixture_config
