@@ -15,7 +15,13 @@
   PSNR rather than SSIM: it is defined for the demo's 32-pixel images (SSIM's 7x7 windows cover a
   fifth of such an image), needs no choice of window or constants, and comparing with the decoded
   reference leaves the tokenizer's own reconstruction error out; identical images score
-  :data:`PSNR_CEILING`. A grid PNG (generated | reference per row) is an artefact;
+  :data:`PSNR_CEILING`. Prompts captioning a demo scene are also scored on colour: the palette
+  colour most of a generated image's shape pixels have is one the caption names
+  (``text_to_image/color_accuracy``; ``_reference`` the same for the decoded reference codes,
+  the image tokenizer's ceiling; ``_blind`` against another prompt's caption, the level of a
+  model that ignores the prompt). Images are sampled with ``EvalConfig.image_sampler`` (as
+  ``omnidiff sample`` does), text with ``sampler``. A grid PNG (generated | reference per row) is
+  an artefact;
 * TTS: generated speech codes are transcribed by the same model (the ASR prompt) and scored
   against the input text: ``tts/roundtrip_wer``; decoded WAVs are artefacts.
   Spoken VQA (mixed text and speech answers) gets the masked-token accuracy only.
@@ -39,13 +45,13 @@ import torch
 from skimage.metrics import peak_signal_noise_ratio
 
 from omnidiff.data.config import DiffusionConfig
-from omnidiff.data.demo.scenes import caption_attributes
+from omnidiff.data.demo.scenes import Scene, caption_attributes, image_colors, parse_caption
 from omnidiff.data.tokenizers.base import ImageTokenizer, SpeechTokenizer
 from omnidiff.data.tokens.noising import noise_batch
 from omnidiff.data.tokens.packing import TokenSample, collate_rows
-from omnidiff.data.tokens.sequences import TTS_PROMPT
+from omnidiff.data.tokens.sequences import TEXT_TO_IMAGE_PROMPT, TTS_PROMPT
 from omnidiff.data.tokens.vocab import TextTokenizer, UnifiedVocab
-from omnidiff.platform.config import EvalConfig
+from omnidiff.platform.config import EvalConfig, SamplerConfig
 from omnidiff.platform.objective import scored_positions
 from omnidiff.platform.sampling import media
 from omnidiff.platform.sampling.sampler import GenerationRequest, LogitsFn, SyncFn, generate
@@ -92,11 +98,13 @@ class _Evaluator:
         self.generator = torch.Generator().manual_seed(config.seed)
         self.report = EvalReport()
 
-    def generate(self, requests: list[GenerationRequest]) -> list[Tensor]:
-        """Answers (the generated regions), batched."""
+    def generate(self, requests: list[GenerationRequest],
+                 sampler: SamplerConfig | None = None) -> list[Tensor]:
+        """Answers (the generated regions), batched; ``sampler`` defaults to the text one."""
         out = []
         for chunk in _chunks(requests, self.config.batch_size):
-            rows = generate(self.logits_fn, chunk, self.config.sampler, mask_id=self.vocab.mask_id,
+            rows = generate(self.logits_fn, chunk, sampler or self.config.sampler,
+                            mask_id=self.vocab.mask_id,
                             vocab_size=self.vocab.size, generator=self.generator, sync=self.sync)
             out += [row[r.start:] for row, r in zip(rows, chunk)]
         return out
@@ -190,15 +198,37 @@ class _Evaluator:
         for name in counts:
             self.report.metrics[f"{task}/{name}_accuracy"] = hits[name] / counts[name]
 
+    def scene_colors(self, task: str, scenes: list[Scene | None],
+                     drawn: list[tuple[Tensor, Tensor]]) -> None:
+        """For prompts that caption a demo scene: is the colour most of a generated image's
+        shape pixels have one the caption names (``color_accuracy``)? The same for the decoded
+        reference codes (``color_accuracy_reference``: what the image tokenizer lets through)
+        and for each generated image against another prompt's caption (``color_accuracy_blind``:
+        the level of a model that ignores the prompt, as ``input_gain`` for inputs)."""
+        named = [(i, {item.color for item in scene.items}) for i, scene in enumerate(scenes)
+                 if scene is not None]
+        if not named:
+            return
+        main = [_main_color(image) for image, _ in drawn]
+        scores = {
+            "color_accuracy": [main[i] in colors for i, colors in named],
+            "color_accuracy_reference": [_main_color(drawn[i][1]) in colors for i, colors in named],
+            "color_accuracy_blind": [main[named[k - 1][0]] in colors
+                                     for k, (_, colors) in enumerate(named)],
+        }
+        for name, hits in scores.items():
+            self.report.metrics[f"{task}/{name}"] = sum(hits) / len(hits)
+
     def text(self, answer: Tensor) -> str:
         return _normalise(answer_text(answer, self.vocab, self.tokenizer))
 
     # --- images ------------------------------------------------------------------------------
     def images(self, task: str, samples: Sequence[TokenSample]) -> None:
         references = [self.reference(s) for s in samples]
-        answers = self.generate([request_from_sample(s, self.vocab) for s in samples])
+        answers = self.generate([request_from_sample(s, self.vocab) for s in samples],
+                                self.config.image_sampler)
         right = total = 0
-        psnrs, grid = [], []
+        psnrs, grid, drawn = [], [], []
         for reference, answer in zip(references, answers):
             codes = self.vocab.is_image(reference)
             right += int((answer[codes] == reference[codes]).sum())
@@ -212,11 +242,15 @@ class _Evaluator:
             with np.errstate(divide="ignore"):  # identical images: infinite, then the ceiling
                 psnr = peak_signal_noise_ratio(truth.numpy(), image.numpy(), data_range=IMAGE_RANGE)
             psnrs.append(min(float(psnr), PSNR_CEILING))
+            drawn.append((image, truth))
             if len(grid) < self.config.max_artifacts:
                 grid.append([image, truth])
         self.report.metrics[f"{task}/code_accuracy"] = right / max(total, 1)
         if psnrs:
             self.report.metrics[f"{task}/psnr"] = sum(psnrs) / len(psnrs)
+        if task == "text_to_image" and drawn:
+            self.scene_colors(task, [parse_caption(self.instructed_text(s, TEXT_TO_IMAGE_PROMPT))
+                                     for s in samples], drawn)
         if grid:
             self.report.images[f"{task}_grid.png"] = media.png_bytes(
                 media.image_grid(grid, min_size=GRID_CELL))
@@ -240,12 +274,23 @@ class _Evaluator:
                 self.report.audio[f"tts_{i}.wav"] = media.wav_bytes(wave, rate)
 
     def tts_text(self, sample: TokenSample) -> str:
-        """The text a TTS sample speaks: its user turn after the TTS instruction."""
+        """The text a TTS sample speaks."""
+        return self.instructed_text(sample, TTS_PROMPT)
+
+    def instructed_text(self, sample: TokenSample, instruction: str) -> str:
+        """The user turn's text after ``instruction`` (what to speak, what to draw)."""
         prompt = self.tokenizer.decode(sample.tokens[:prompt_end(sample)].tolist())
-        found = re.search(re.escape(TTS_PROMPT) + r"\n(.*?)<\|im_end\|>", prompt, re.DOTALL)
+        found = re.search(re.escape(instruction) + r"\n(.*?)<\|im_end\|>", prompt, re.DOTALL)
         if not found:
-            raise ValueError("a tts sample without the TTS instruction in its prompt")
+            raise ValueError(f"a {sample.task} sample without {instruction!r} in its prompt")
         return found.group(1)
+
+
+def _main_color(image: Tensor) -> str | None:
+    """The palette colour of most of a decoded ``[3, H, W]`` image's shape pixels."""
+    pixels = ((image.permute(1, 2, 0).float().numpy() + 1) * 127.5).clip(0, 255)
+    counts = image_colors(pixels).most_common(1)
+    return counts[0][0] if counts else None
 
 
 def evaluate(logits_fn: LogitsFn, samples: Sequence[TokenSample], vocab: UnifiedVocab,

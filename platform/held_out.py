@@ -47,9 +47,10 @@ class HeldOutEvaluation:
     """What the trainer calls: :meth:`due` after each step, :meth:`run` when it is."""
 
     def __init__(self, cfg: RunConfig, vocab: UnifiedVocab, tokenizer: TextTokenizer) -> None:
-        sampler = cfg.evaluation.sampler.model_copy(
-            update={"label_shift": cfg.diffusion.label_shift})  # as the model was trained
-        self.config = cfg.evaluation.model_copy(update={"sampler": sampler})
+        trained = {"label_shift": cfg.diffusion.label_shift}  # sample as the model was trained
+        self.config = cfg.evaluation.model_copy(update={
+            "sampler": cfg.evaluation.sampler.model_copy(update=trained),
+            "image_sampler": cfg.evaluation.image_sampler.model_copy(update=trained)})
         self.last_step = cfg.schedule.train_steps
         self.vocab, self.tokenizer = vocab, tokenizer
         self.samples = held_out_samples(cfg, vocab, tokenizer)

@@ -15,6 +15,7 @@ import pytest
 import soundfile as sf
 from PIL import Image
 
+from omnidiff.data.demo import scenes
 from omnidiff.data.demo.build import STAGE_RATIOS, build_demo_dataset
 from omnidiff.data.demo.speech import LIBRARY_DIR, SpeechError, WordLibrarySynthesizer, words_of
 from omnidiff.data.demo.tasks import speech_vocabulary
@@ -164,3 +165,26 @@ def test_fitted_text_tokenizer_round_trips_every_demo_text_in_fewer_tokens(small
     vocab = UnifiedVocab.from_text_tokenizer(tokenizer, 16, 16)  # the chat specials are there
     chat = SequenceBuilder(vocab, tokenizer).chat([("Which shape is red?", "a circle.")])
     assert "a circle." in tokenizer.decode(chat.tokens[chat.target_mask].tolist())
+
+
+def test_scene_captions_parse_back_to_their_scene_and_other_text_does_not():
+    rng = np.random.default_rng(0)
+    for _ in range(500):
+        scene = scenes.random_scene(rng)
+        assert scenes.parse_caption(scene.caption) == scene
+        assert scenes.parse_caption(scene.caption.capitalize() + ".") == scene
+    assert scenes.parse_caption("red circle") == scenes.Scene((scenes.Item("red", "circle"),))
+    for text in ("a cup of coffee on a red saucer", "a red circle next to a blue square", ""):
+        assert scenes.parse_caption(text) is None
+
+
+def test_the_colour_a_rendered_scene_shows_most_is_one_of_its_caption():
+    rng = np.random.default_rng(1)
+    for _ in range(100):
+        scene = scenes.random_scene(rng)
+        shown = scenes.image_colors(np.asarray(scenes.render_scene(scene, rng, 32)))
+        assert shown.most_common(1)[0][0] in {item.color for item in scene.items}, scene.caption
+        if len(scene.items) == 2:  # both shapes are seen
+            assert all(shown[item.color] > 0 for item in scene.items), scene.caption
+    background = np.full((8, 8, 3), scenes.BACKGROUNDS[0], dtype=np.uint8)
+    assert not scenes.image_colors(background)

@@ -10,8 +10,8 @@ import soundfile
 import torch
 from PIL import Image
 
-from omnidiff.data.demo.scenes import caption_attributes
-from omnidiff.data.tokenizers.demo_image import PatchKMeansImageTokenizer
+from omnidiff.data.demo.scenes import BACKGROUNDS, COLORS, caption_attributes
+from omnidiff.data.tokenizers.demo_image import PatchKMeansConfig, PatchKMeansImageTokenizer
 from omnidiff.data.tokenizers.demo_speech import MelKMeansSpeechTokenizer
 from omnidiff.data.tokens.sequences import SequenceBuilder
 from omnidiff.data.tokens.text import ByteTokenizer
@@ -27,7 +27,8 @@ TOKENIZER = ByteTokenizer()
 VOCAB = UnifiedVocab.from_text_tokenizer(TOKENIZER, speech_codebook_size=16, image_codebook_size=16)
 BUILDER = SequenceBuilder(VOCAB, TOKENIZER)
 ROWS = VOCAB.padded_size()
-CONFIG = EvalConfig(sampler=SamplerConfig(steps=4), batch_size=3)
+CONFIG = EvalConfig(sampler=SamplerConfig(steps=4), image_sampler=SamplerConfig(steps=4),
+                    batch_size=3)  # greedy images too: an oracle's answers are then exact
 
 
 def _held_out():
@@ -35,7 +36,7 @@ def _held_out():
         BUILDER.captioning("Describe the image.", "red circle", [1, 2, 3, 4]),
         BUILDER.captioning("Describe the image.", "green star", [4, 3, 2, 1]),
         BUILDER.asr("blue moon", [5, 6, 7]),
-        BUILDER.text_to_image("red circle", [3, 1, 4, 1]),
+        BUILDER.text_to_image("a red moon", [3, 1, 4, 1]),  # not a demo scene's caption
         BUILDER.tts("blue star", [8, 9, 10]),
     ]
 
@@ -71,10 +72,10 @@ def tokenizers():
     return image, speech
 
 
-def _evaluate(model, tokenizers, samples=None):
+def _evaluate(model, tokenizers, samples=None, config=CONFIG):
     image, speech = tokenizers
     return evaluate(model, samples or _held_out(), VOCAB, TOKENIZER, image_tokenizer=image,
-                    speech_tokenizer=speech, config=CONFIG)
+                    speech_tokenizer=speech, config=config)
 
 
 def test_a_perfect_model_scores_perfectly_and_leaves_artefacts(tokenizers, tmp_path):
@@ -122,6 +123,36 @@ def test_captions_are_scored_on_the_scene_colour_and_shape_they_name(tokenizers)
     assert metrics["captioning/color_accuracy"] == 0.5
     assert metrics["captioning/shape_accuracy"] == 1.0
     assert metrics["captioning/exact_match"] == pytest.approx(2 / 3)
+
+
+def _solid_patches() -> PatchKMeansImageTokenizer:
+    """Codes 1, 2, 3 decode to red, green and blue 4-pixel patches, the rest to background."""
+    colors = [BACKGROUNDS[0]] * 16
+    colors[1:4] = COLORS["red"], COLORS["green"], COLORS["blue"]
+    centroids = (torch.tensor(colors, dtype=torch.float32) / 127.5 - 1).repeat_interleave(16, 1)
+    return PatchKMeansImageTokenizer(PatchKMeansConfig(4, 8, 16), centroids)
+
+
+def test_text_to_image_is_scored_on_the_colours_it_draws(tokenizers):
+    """The oracle draws the red circle green and the blue star blue; the photo's prompt is no
+    scene and counts in neither. Against the other scene's caption (blind) both miss."""
+    held_out = [BUILDER.text_to_image("a red circle", [0, 1, 0, 0]),
+                BUILDER.text_to_image("a large blue star", [3, 3, 0, 3]),
+                BUILDER.text_to_image("a cup of coffee", [2, 0, 0, 0])]
+    told = [BUILDER.text_to_image("a red circle", [0, 2, 0, 0]), *held_out[1:]]
+    metrics = _evaluate(Oracle(told), (_solid_patches(), tokenizers[1]), held_out).metrics
+    assert metrics["text_to_image/color_accuracy"] == 0.5
+    assert metrics["text_to_image/color_accuracy_reference"] == 1.0
+    assert metrics["text_to_image/color_accuracy_blind"] == 0.0
+
+
+def test_images_are_sampled_with_the_image_sampler(tokenizers):
+    """A near-uniform image sampler (temperature 100) misses the oracle's image codes while text
+    answers, sampled greedily, stay exact."""
+    hot = CONFIG.model_copy(update={"image_sampler": SamplerConfig(steps=4, temperature=100.0)})
+    metrics = _evaluate(Oracle(_held_out()), tokenizers, config=hot).metrics
+    assert metrics["text_to_image/code_accuracy"] < 0.5
+    assert metrics["captioning/exact_match"] == 1.0
 
 
 def test_caption_attributes_are_the_first_colour_and_shape_word():

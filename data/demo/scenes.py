@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
@@ -104,6 +105,34 @@ def caption_attributes(text: str) -> dict[str, str]:
         if word is not None:
             found[name] = word
     return found
+
+
+def parse_caption(text: str) -> Scene | None:
+    """The scene a caption describes (the inverse of :attr:`Scene.caption`, case and a final
+    full stop aside), or None for text that is not a scene caption (photos, chat)."""
+    item = rf"(?:an? )?(?:({'|'.join(SIZES)}) )?({'|'.join(COLORS)}) ({'|'.join(SHAPES)})"
+    found = re.fullmatch(rf"{item}(?: ({'|'.join(RELATIONS)}) {item})?",
+                         " ".join(text.lower().rstrip(".").split()))
+    if found is None:
+        return None
+    size, color, shape, relation, *second = found.groups()
+    items = (Item(color, shape, size or ""),)
+    if relation:
+        items += (Item(second[1], second[2], second[0] or ""),)
+    return Scene(items, relation or "")
+
+
+def image_colors(pixels: np.ndarray) -> Counter[str]:
+    """Pixels per palette colour in an ``[H, W, 3]`` RGB image (0-255): those nearer to the
+    colour than to any other palette colour and to every background. Reads which colours a
+    generated scene shows; anti-aliased edges and decoder blur fall to the nearer background."""
+    pixels = np.asarray(pixels, dtype=np.float64)[:, :, None, :]
+    palette = np.array(list(COLORS.values()), dtype=np.float64)
+    to_color = ((pixels - palette) ** 2).sum(-1)
+    to_background = ((pixels - np.array(BACKGROUNDS, dtype=np.float64)) ** 2).sum(-1).min(-1)
+    shown = to_color.min(-1) < to_background
+    counts = np.bincount(to_color.argmin(-1)[shown], minlength=len(COLORS))
+    return Counter({name: int(n) for name, n in zip(COLORS, counts) if n})
 
 
 def article(word: str) -> str:

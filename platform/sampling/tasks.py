@@ -13,7 +13,8 @@ turns and the ``<|im_start|>assistant\\n`` header. The answer region is then:
 
 Lengths and settings follow the release (``tools/inference.py``, ``evaluate_asr.py``,
 ``evaluate_libritts.py``): ASR answers get 0.2 x prompt length and TTS answers 3.5 x text
-tokens, both with half as many steps; image tasks use the position penalty 2.0; speech-to-image
+tokens, both with half as many steps; image tasks use the position penalty 2.0 (and temperature
+sampling, :data:`~omnidiff.platform.config.IMAGE_SAMPLING`); speech-to-image
 uses guidance 2.0 against the prompt with the speech removed, text-to-image's unconditional
 prompt replaces the caption by random text tokens of the same length.
 
@@ -33,6 +34,7 @@ import torch
 from omnidiff.data.tokens.packing import TokenSample
 from omnidiff.data.tokens.sequences import SPEECH_TO_IMAGE_SYSTEM, IMAGE_PLACEHOLDER, SequenceBuilder
 from omnidiff.data.tokens.vocab import TextTokenizer, UnifiedVocab
+from omnidiff.platform.config import IMAGE_SAMPLING
 from omnidiff.platform.sampling import rules
 from omnidiff.platform.sampling.sampler import GenerationRequest
 
@@ -46,7 +48,6 @@ ASR_LENGTH_FACTOR = 0.2  # answer tokens per prompt token
 TTS_LENGTH_FACTOR = 3.5  # speech tokens per text token
 ADAPTIVE_STEP_RATIO = 2  # adaptive-length tasks take length / 2 steps
 SPOKEN_ANSWER_BOA = 0.2  # <|begin_of_audio|> at this fraction of a spoken VQA answer
-IMAGE_SETTINGS = {"position_penalty": 2.0}
 STAND_IN = "x"  # a placeholder answer: only the prompt before it is used
 
 
@@ -155,7 +156,7 @@ class TaskPrompts:
                                       steps=num_codes, restrict_modality=self.restrict)
         empty = self._prompt(self.builder.text_to_image("", blank))
         request.uncond_prompt = self._random_middle(request.tokens[:request.start], empty, generator)
-        return TaskPrompt(request, "text_to_image", dict(IMAGE_SETTINGS))
+        return TaskPrompt(request, "text_to_image", dict(IMAGE_SAMPLING))
 
     def speech_to_image(self, speech_codes: Tensor, num_codes: int) -> TaskPrompt:
         blank = torch.zeros(num_codes, dtype=torch.long)
@@ -165,7 +166,7 @@ class TaskPrompts:
             [{"role": "system", "content": SPEECH_TO_IMAGE_SYSTEM}, {"role": "user", "content": ""},
              {"role": "assistant", "content": IMAGE_PLACEHOLDER}], [blank])
         request.uncond_prompt = self._prompt(silent)
-        return TaskPrompt(request, "speech_to_image", {**IMAGE_SETTINGS, "guidance": 2.0})
+        return TaskPrompt(request, "speech_to_image", {**IMAGE_SAMPLING, "guidance": 2.0})
 
     def _random_middle(self, prompt: Tensor, empty: Tensor,
                        generator: torch.Generator | None) -> Tensor:
