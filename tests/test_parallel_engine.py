@@ -16,6 +16,7 @@ from omnidiff.parallel import topology
 from omnidiff.parallel.launcher import spawn
 from harness.parity import (
     global_batches,
+    load_worker_results,
     local_share,
     max_relative_difference,
     parity_config,
@@ -75,7 +76,7 @@ def _worker(out: str, tp: int, layouts: dict[str, tuple[str, ...]], nan_check: s
 def _spawn_layouts(tmp_path_factory, nprocs: int, tp: int, layouts: dict, nan_check: str = ""):
     out = str(tmp_path_factory.mktemp("parity") / "results.pt")
     spawn(_worker, nprocs, out, tp, layouts, nan_check)
-    return torch.load(out, weights_only=False)
+    return load_worker_results(out)
 
 
 @pytest.fixture(scope="module")

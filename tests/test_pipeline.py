@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from harness.parity import load_worker_results
 from omnidiff.data.tokens.packing import PackedBatch
 from omnidiff.parallel import topology
 from omnidiff.parallel.launcher import spawn
@@ -151,7 +152,7 @@ def _assert_steps_agree(got, want) -> None:
 @pytest.mark.slow
 def test_pp2_with_4_micro_batches_matches_pp1_and_resumes(tmp_path):
     spawn(_pipeline_worker, 2, str(tmp_path), 1)
-    shards = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    shards = [load_worker_results(tmp_path / f"rank{r}.pt") for r in range(2)]
     expected, reference = _reference()
     cfg = _config(pp=1)
 
@@ -187,7 +188,7 @@ def test_tp2_x_pp2_matches_pp1(tmp_path):
     spawn(_pipeline_worker, 4, str(tmp_path), 2)
     expected, _ = _reference()
     for rank in range(4):
-        shard = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
+        shard = load_worker_results(tmp_path / f"rank{rank}.pt")
         _assert_steps_agree(shard["results"], expected)
 
 

@@ -206,7 +206,7 @@ def test_prompts_follow_the_training_layout():
     nl = TOKENIZER.encode("\n")
     assert request.answer.tolist() == [VOCAB.begin_of_image_id, *[VOCAB.mask_id] * 16,
                                        VOCAB.end_of_image_id, VOCAB.im_end_id, *nl]
-    assert t2i.settings == {"position_penalty": 2.0}
+    assert t2i.settings == {"position_penalty": 2.0, "temperature": 1.0, "top_k": 20}
     prompt, uncond = request.tokens[:request.start], request.uncond_prompt
     caption = TOKENIZER.encode("red circle")
     end = len(prompt) - len([VOCAB.im_end_id, *nl, *header])
@@ -217,7 +217,7 @@ def test_prompts_follow_the_training_layout():
     assert uncond[begin:end].lt(256).all()  # random plain text (bytes), never a special token
 
     s2i = prompts.speech_to_image(torch.tensor([1, 2, 3]), 16)
-    assert s2i.settings == {"position_penalty": 2.0, "guidance": 2.0}
+    assert s2i.settings == {**t2i.settings, "guidance": 2.0}
     silent = TOKENIZER.decode(s2i.request.uncond_prompt.tolist())
     assert "user\n<|im_end|>" in silent and "<|im_start|>assistant\n" in silent
 

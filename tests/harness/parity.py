@@ -21,7 +21,7 @@ from omnidiff.data.tokens.noising import NoisedBatch
 from omnidiff.data.tokens.text import build_vocab
 from omnidiff.parallel.dims import ParallelDims
 from omnidiff.parallel.engines import build_engine
-from omnidiff.parallel.engines.base import TrainEngine
+from omnidiff.parallel.engines.base import StepResult, TrainEngine
 from omnidiff.parallel.resharding import gather_full_state_dict
 from omnidiff.platform.config import RunConfig, load_config
 from omnidiff.platform.objective import DiffusionObjective
@@ -110,3 +110,10 @@ def relative_differences(got: dict[str, Tensor], want: dict[str, Tensor]) -> dic
         scale = float(ref.norm()) or 1.0
         out[key] = float((got[key].double() - ref).norm()) / scale
     return out
+
+
+def load_worker_results(path) -> object:
+    """What a test's worker processes saved (tensors, dicts, :class:`StepResult`), read back as
+    anything from disk is: ``weights_only``, with the classes the results hold allowed."""
+    with torch.serialization.safe_globals([StepResult, ParityResult]):
+        return torch.load(path, weights_only=True)
