@@ -61,7 +61,8 @@ class SamplerConfig(ConfigSection):
 # How image answers are sampled unless asked otherwise (``omnidiff sample``, the evaluation): the
 # release's position penalty, and temperature sampling among the 20 likeliest codes: greedy
 # confidence-first decoding fills a scene with its likeliest code, the background (demo, end of
-# stage 3, 64 held-out scene prompts: the caption's colour in 8 % of greedy images, 45 % sampled).
+# stage 3, 64 held-out scene prompts: the caption's colour is the main one of 7 greedy images,
+# of 24-26 sampled ones over 4 seeds; of 48 decoded references).
 IMAGE_SAMPLING = {"position_penalty": 2.0, "temperature": 1.0, "top_k": 20}
 
 
