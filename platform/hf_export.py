@@ -78,6 +78,7 @@ def write_hf_folder(cfg: RunConfig, weights: dict[str, Tensor], out_dir: str | P
                     overwrite: bool = False, progress: bool = True) -> Path:
     """The HF folder of full TP = 1 megatron-named ``weights`` trained under ``cfg``."""
     out = Path(out_dir)
+    cfg = cfg.model_copy(update={"data": _local_paths_absolute(cfg.data)})
     check_target(out, overwrite)
     if dtype not in DTYPES:
         raise ExportError(f"dtype {dtype!r}: one of {', '.join(DTYPES)}")
@@ -176,6 +177,24 @@ def _write_tokenizer(data: DataConfig, vocab: UnifiedVocab, out: Path) -> None:
             raise ExportError(f"{data.text_tokenizer}: {name} would get id "
                               f"{tokenizer.convert_tokens_to_ids(name)}, the vocabulary has {i}")
     tokenizer.save_pretrained(out)
+
+
+def _local_paths_absolute(data: DataConfig) -> DataConfig:
+    """``data`` with the tokenizer and speech-encoder paths that exist here made absolute: the
+    folder then samples from any working directory (a run's paths are relative to where it was
+    started; a hub name or a missing path is left as written)."""
+    def absolute(path: str) -> str:
+        return str(Path(path).resolve()) if Path(path).exists() else path
+
+    update: dict[str, Any] = {"text_tokenizer": data.text_tokenizer if data.text_tokenizer == "byte"
+                              else absolute(data.text_tokenizer)}
+    for name in ("image_tokenizer", "speech_tokenizer"):
+        ref = getattr(data, name)
+        if ref is not None:
+            update[name] = ref.model_copy(update={"path": absolute(ref.path)})
+    if data.speech_encoder:
+        update["speech_encoder"] = absolute(data.speech_encoder)
+    return data.model_copy(update=update)
 
 
 def media_tokenizer_refs(data: DataConfig) -> dict[str, dict[str, str]]:

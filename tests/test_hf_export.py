@@ -22,6 +22,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from omnidiff.data.tokenizers.demo_image import PatchKMeansImageTokenizer
 from omnidiff.data.tokens.packing import TokenSample, collate_rows
 from omnidiff.data.tokens.text import build_vocab
 from omnidiff.platform import checkpoint
@@ -227,3 +228,23 @@ def test_imported_weights_come_back_exactly_from_a_tp2_dp2_checkpoint(layouts, t
         kept = slice(0, min(len(value), 260)) if key in VOCAB_KEYS else slice(None)  # byte text
         want = value.to(torch.bfloat16).float() if name == "dream" else value
         assert torch.equal(exported[key][kept], want[kept]), key
+
+
+def test_exported_tokenizer_paths_hold_from_any_working_directory(tmp_path, monkeypatch):
+    """A run started in its project folder names its tokenizers relative to it; the export's
+    run config and config.json name them absolutely (sampling is often run elsewhere)."""
+    (tmp_path / "tok").mkdir()
+    images = torch.rand(4, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    PatchKMeansImageTokenizer.fit(images, 16, seed=0, patch_size=4, epochs=1).save(
+        tmp_path / "tok" / "image.safetensors")
+    monkeypatch.chdir(tmp_path)
+    _one_rank_checkpoint(tmp_path / "run", image_tokenizer={
+        "kind": "kmeans_image", "path": "tok/image.safetensors"},
+        speech_tokenizer={"kind": "kmeans_speech", "path": "tok/not-fitted-yet.safetensors"})
+    out = export_checkpoint(tmp_path / "run", tmp_path / "hf", progress=False)
+    data = yaml.safe_load((out / "run_config.yaml").read_text())["data"]
+    assert data["image_tokenizer"]["path"] == str(tmp_path / "tok" / "image.safetensors")
+    assert data["speech_tokenizer"]["path"] == "tok/not-fitted-yet.safetensors"  # not here
+    assert data["text_tokenizer"] == "byte"
+    refs = json.loads((out / "config.json").read_text())["media_tokenizers"]
+    assert refs["image"]["path"] == str(tmp_path / "tok" / "image.safetensors")
