@@ -69,6 +69,10 @@ def run(args: argparse.Namespace) -> int:
     from omnidiff.platform.sampling import (
         SamplerConfig, TaskPrompts, generate, hf_logits_fn, load_model)
 
+    if args.quiet:  # transformers' own bar while it reads an HF folder's weights too
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
     if args.task not in NEEDS:
         raise CommandError(f"unknown task {args.task!r}; one of {', '.join(NEEDS)}")
     inputs, media = NEEDS[args.task]
