@@ -14,6 +14,13 @@ Variants run interleaved (one repeat of each, then the next repeat) after one un
 each; the speed-up over AR is taken within each repeat, whose variants ran back to back, and its
 median printed (load on a shared machine drifts between repeats more than within one).
 
+Then the ceiling this machine puts on diffusion: a step's forward FLOPs (exact count, all
+positions scored, as the sampler's forward does) over the rate a large fp32 matrix multiply
+reaches here, i.e. the fastest each step count could run, and so the largest speed-up over AR
+possible on this machine. A one-token AR step reads every weight for little arithmetic (memory
+bound), a diffusion step multiplies the whole sequence (compute bound): where compute is scarce
+relative to memory bandwidth, as on a CPU, the ceiling is low.
+
 Run: ``python -m omnidiff.platform.sampling.benchmark [--preset small] [--repeats 3]``.
 (It lives with the sampler rather than in ``jobs/benchmarks``: it needs the sampler and the HF
 class, which sit on the ``platform`` floor above ``jobs``.)
@@ -32,6 +39,7 @@ import torch.nn.functional as F
 
 from omnidiff.data.tokens.text import ByteTokenizer
 from omnidiff.data.tokens.vocab import UnifiedVocab
+from omnidiff.monitoring.flops import training_flops
 from omnidiff.platform.config import ModelConfig
 from omnidiff.platform.hf_convert import hf_config_from
 from omnidiff.platform.hf_model import OmniDiffusionForMaskedDiffusion, _rotate_half, rotary_cos_sin
@@ -81,6 +89,14 @@ def _time(fn: Callable[[], object]) -> float:
     return time.perf_counter() - began
 
 
+def matmul_rate(size: int = 2048, repeats: int = 3) -> float:
+    """FLOP/s of a square fp32 matrix multiply here, best of ``repeats``: what a compute-bound
+    forward can reach at most."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b  # warm-up
+    return 2 * size**3 / min(_time(lambda: a @ b) for _ in range(repeats))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="small", choices=("tiny", "small"))
@@ -123,6 +139,18 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{name:<38} median {statistics.median(runs):7.2f} s "
               f"({', '.join(f'{t:.2f}' for t in runs)})  speed-up vs AR: median "
               f"{statistics.median(ratios):5.2f}x ({', '.join(f'{r:.2f}' for r in ratios)})")
+
+    length = len(request.tokens)
+    step_flops = training_flops(shape, vocab.padded_size(), [length], length) // 3  # forward
+    rate, autoregressive = matmul_rate(), statistics.median(baseline)
+    print(f"ceiling: a diffusion step is {step_flops / 1e9:.1f} GFLOP ({length} tokens); "
+          f"fp32 matrix multiply here: {rate / 1e9:.0f} GFLOP/s")
+    for steps in args.steps:
+        fastest = steps * step_flops / rate
+        measured = statistics.median(times[f"diffusion, {steps} steps"])
+        print(f"diffusion, {steps} steps: achieved {steps * step_flops / measured / 1e9:.0f} "
+              f"GFLOP/s; at the matmul rate {fastest:.2f} s, at most {autoregressive / fastest:.2f}x "
+              "vs AR on this machine")
 
 
 if __name__ == "__main__":
