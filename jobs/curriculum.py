@@ -4,8 +4,9 @@ A job file (YAML, see ``jobs/curricula/``) holds run-config keys every stage sha
 one entry per stage with the keys that stage changes, where stage 1 starts from (``init``, an
 Hugging Face folder such as Dream-7B, or nothing), what the job prepares for itself when it is
 missing (``prepare``: the demo dataset and tokenizers), and where it runs on a cluster
-(``cluster``, consumed by ``k8s/``). Stage ``n + 1`` always starts from stage ``n``'s final weights
-with a fresh optimizer and schedule; the curriculum runner (``platform/curriculum.py``) does that.
+(``cluster``, consumed by ``k8s/``); ``extends`` names a job this one changes. Stage ``n + 1``
+always starts from stage ``n``'s final weights with a fresh optimizer and schedule; the
+curriculum runner (``platform/curriculum.py``) does that.
 
 This module only reads and merges definitions; the run configs are validated by the platform
 when a stage starts, the cluster section by ``k8s/``.
@@ -124,10 +125,47 @@ def resolve_job_path(spec: str | Path) -> Path:
     raise ConfigError(f"job {spec}: no such file, and not a built-in job ({known})")
 
 
+def read_job(path: Path, extending: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A job file's mapping on top of the job it ``extends`` (a built-in job name, or a file
+    path as given or beside the extending file): keys merged as :func:`deep_merge` does, and
+    ``stages`` by name (a stage named as one of the base's merges into it, in the base's order;
+    other names are appended)."""
+    raw = read_yaml_mapping(path)
+    base_spec = raw.pop("extends", None)
+    if base_spec is None:
+        return raw
+    if not isinstance(base_spec, str):
+        raise ConfigError(f"{path}: extends: a job file or a built-in job name")
+    beside = path.parent / base_spec
+    base_path = resolve_job_path(beside if beside.is_file() else base_spec)
+    if base_path.resolve() in (*extending, path.resolve()):
+        raise ConfigError(f"{path}: extends: {base_spec} leads back to this job")
+    base = read_job(base_path, (*extending, path.resolve()))
+    stages = raw.pop("stages", [])
+    merged = deep_merge(base, raw)
+    if stages:
+        merged["stages"] = _merge_stages(base.get("stages", []), stages, path)
+    return merged
+
+
+def _merge_stages(base: list, extra: list, path: Path) -> list:
+    if not isinstance(extra, list) or not all(isinstance(s, dict) for s in [*base, *extra]):
+        raise ConfigError(f"{path}: stages: a list of stages ({{name, run}} mappings)")
+    merged = [copy.deepcopy(stage) for stage in base]
+    names = [stage.get("name") for stage in merged]
+    for stage in extra:
+        if stage.get("name") in names:
+            at = names.index(stage["name"])
+            merged[at] = deep_merge(merged[at], stage)
+        else:
+            merged.append(copy.deepcopy(stage))
+    return merged
+
+
 def load_job(spec: str | Path) -> JobConfig:
     """Read and validate a job file; errors are one line per problem naming the key."""
     path = resolve_job_path(spec)
-    raw = read_yaml_mapping(path)
+    raw = read_job(path)
     try:
         return JobConfig.model_validate(raw)
     except ValidationError as err:

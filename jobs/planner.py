@@ -16,7 +16,7 @@ from pathlib import Path
 import yaml
 
 from omnidiff import ConfigError
-from omnidiff.jobs.curriculum import load_job, resolve_job_path
+from omnidiff.jobs.curriculum import load_job, read_job, resolve_job_path
 from omnidiff.jobs.plan_model import (
     Device, Layout, Workload, memory_per_rank, model_flops, step_time)
 from omnidiff.monitoring.peaks import gpu_peak
@@ -167,7 +167,7 @@ def table(plans: list[Plan], top: int = 10) -> str:
 def write_job(best: Plan, cluster: Cluster, work_preset: str, seq_length: int,
               global_batch: int, out: str | Path, base: str = "omni-diffusion") -> Path:
     """The base job file with this plan's ``run.parallel``, batch keys and ``cluster``."""
-    raw = yaml.safe_load(resolve_job_path(base).read_text())
+    raw = read_job(resolve_job_path(base))  # merged: the plan stands alone
     layout = best.layout
     run = raw.setdefault("run", {})
     parallel = dict(run.get("parallel", {}))
