@@ -257,7 +257,7 @@ class _Evaluator:
 
     # --- text to speech, round trip ------------------------------------------------------------
     def tts_roundtrip(self, samples: Sequence[TokenSample]) -> None:
-        texts = [self.tts_text(s) for s in samples]
+        texts = [self.instructed_text(s, TTS_PROMPT) for s in samples]
         speech = [answer_speech_codes(a, self.vocab)
                   for a in self.generate([self.prompts.tts(t).request for t in texts])]
         spoken = [i for i, codes in enumerate(speech) if len(codes)]
@@ -273,10 +273,6 @@ class _Evaluator:
                 wave = media.decode_speech(speech[i], self.speech_tokenizer)
                 self.report.audio[f"tts_{i}.wav"] = media.wav_bytes(wave, rate)
 
-    def tts_text(self, sample: TokenSample) -> str:
-        """The text a TTS sample speaks."""
-        return self.instructed_text(sample, TTS_PROMPT)
-
     def instructed_text(self, sample: TokenSample, instruction: str) -> str:
         """The user turn's text after ``instruction`` (what to speak, what to draw)."""
         prompt = self.tokenizer.decode(sample.tokens[:prompt_end(sample)].tolist())
@@ -288,8 +284,7 @@ class _Evaluator:
 
 def _main_color(image: Tensor) -> str | None:
     """The palette colour of most of a decoded ``[3, H, W]`` image's shape pixels."""
-    pixels = ((image.permute(1, 2, 0).float().numpy() + 1) * 127.5).clip(0, 255)
-    counts = image_colors(pixels).most_common(1)
+    counts = image_colors(media.rgb_pixels(image)).most_common(1)
     return counts[0][0] if counts else None
 
 

@@ -95,11 +95,15 @@ def decode_speech(codes: Tensor, tokenizer: SpeechTokenizer) -> Tensor:
     return tokenizer.decode([codes.clamp(0, tokenizer.codebook_size - 1)])[0]
 
 
+def rgb_pixels(image: Tensor) -> np.ndarray:
+    """``[3, H, W]`` in [-1, 1] -> ``[H, W, 3]`` uint8 RGB, as the image is saved and seen."""
+    return ((image.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
+
+
 def png_bytes(image: Tensor) -> bytes:
     """``[3, H, W]`` in [-1, 1] -> PNG file contents."""
-    pixels = ((image.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     buffer = io.BytesIO()
-    Image.fromarray(pixels.permute(1, 2, 0).numpy()).save(buffer, format="PNG")
+    Image.fromarray(rgb_pixels(image)).save(buffer, format="PNG")
     return buffer.getvalue()
 
 
