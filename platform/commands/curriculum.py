@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 
 NAME = "curriculum"
-HELP = ("run a curriculum job (a YAML file, or a built-in: demo, omni-diffusion): stage after "
-        "stage, each from the previous one's weights; rerun to continue where it stopped")
+HELP = ("run a curriculum job (a YAML file, or a built-in: demo, demo-long, omni-diffusion, ...): "
+        "stage after stage, each from the previous one's weights; rerun to continue where it stopped")
 
 
 def register(parser: argparse.ArgumentParser) -> None:
