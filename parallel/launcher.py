@@ -8,7 +8,8 @@ No worker outlives the launcher: SIGTERM / SIGINT to the launcher are forwarded 
 (which then finish their step, save and exit), a launcher that dies takes its workers with it
 (torch's spawn sets ``PR_SET_PDEATHSIG``), and a worker that dies takes the others down within
 seconds (:data:`FAILURE_GRACE_S` to stop on their own, as much again after SIGTERM, then SIGKILL)
-instead of leaving them in a collective that never completes.
+instead of leaving them in a collective that never completes. Workers start with the launcher's
+warning filters (a spawned process would otherwise start with Python's defaults).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import os
 import signal
 import socket
 import threading
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -39,7 +41,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _worker(local_rank: int, nprocs: int, port: int, fn: Callable[..., Any], args: tuple) -> None:
+def _worker(local_rank: int, nprocs: int, port: int, warning_filters: list, fn: Callable[..., Any],
+            args: tuple) -> None:
+    warnings.filters[:] = warning_filters
     os.environ.update(
         RANK=str(local_rank), WORLD_SIZE=str(nprocs), LOCAL_RANK=str(local_rank),
         LOCAL_WORLD_SIZE=str(nprocs), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
@@ -58,7 +62,8 @@ def spawn(fn: Callable[..., Any], nprocs: int, *args: Any) -> None:
     saved = {k: os.environ.get(k) for k in _ENV_KEYS}
     handlers = {sig: signal.getsignal(sig) for sig in _FORWARDED}
     try:
-        context = mp.start_processes(_worker, args=(nprocs, free_port(), fn, args),
+        context = mp.start_processes(_worker,
+                                     args=(nprocs, free_port(), warnings.filters, fn, args),
                                      nprocs=nprocs, join=False, start_method="spawn")
 
         def forward(signum: int, _frame) -> None:

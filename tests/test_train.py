@@ -35,3 +35,21 @@ def test_tiny_training_run_halves_the_loss(tmp_path):
     assert sum(losses[-5:]) / 5 <= losses[0] / 2, losses
     assert (tmp_path / "checkpoints" / "step_00000060" / "meta.json").is_file()
     assert (tmp_path / "config.yaml").is_file()
+
+
+def test_a_run_starts_quietly_and_debug_shows_what_was_hidden(tmp_path):
+    """No start-up warning a user cannot act on reaches the terminal: data parallel with ZeRO-1,
+    where megatron-core, DeepSpeed and torch.distributed each printed some in every worker;
+    ``--debug`` shows them again (the filters are by message, not all warnings)."""
+    command = [sys.executable, "-m", "omnidiff.platform.cli"]
+    run = ["train", "jobs/configs/tiny.yaml", "schedule.train_steps=2", "logging.progress_bar=false"]
+    quiet = subprocess.run(
+        command + run + ["parallel.nproc_per_node=2", "parallel.zero_stage=1",
+                         f"output_dir={tmp_path / 'quiet'}"],
+        cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert quiet.returncode == 0, quiet.stderr[-2000:]
+    assert quiet.stderr == ""
+    debug = subprocess.run(command + ["--debug"] + run + [f"output_dir={tmp_path / 'debug'}"],
+                           cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert debug.returncode == 0, debug.stderr[-2000:]
+    assert "UserWarning: Transformer Engine and Apex are not installed" in debug.stderr

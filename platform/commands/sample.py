@@ -10,7 +10,6 @@ encoded by the run's media tokenizers, the prompt is the training layout of the 
 from __future__ import annotations
 
 import argparse
-import warnings
 from pathlib import Path
 
 import torch
@@ -63,8 +62,6 @@ def register(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    # megatron-core announces at import that the GPU-only fused kernels are absent: not news here
-    warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
     from omnidiff.data.tokens.text import build_vocab
     from omnidiff.platform.sampling import (
         SamplerConfig, TaskPrompts, generate, hf_logits_fn, load_model)

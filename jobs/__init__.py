@@ -1,1 +1,0 @@
-"""Job definitions: run configs, curriculum stages and benchmarks."""

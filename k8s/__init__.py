@@ -1,1 +1,0 @@
-"""Kubernetes manifests for multi-node runs and their generator."""

@@ -1,1 +1,0 @@
-"""Fast or memory-saving compute, each with a plain reference implementation beside it."""

@@ -1,1 +1,0 @@
-"""Metrics sinks (JSONL, TensorBoard, MLflow) and throughput / MFU."""

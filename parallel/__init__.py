@@ -1,1 +1,0 @@
-"""Process topology, launcher, layer specs, DeepSpeed engines (ZeRO, pipeline) and FP8."""
