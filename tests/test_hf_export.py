@@ -12,6 +12,7 @@ the other two must give back the imported weights exactly, ZeRO-3's fp32 partiti
 from __future__ import annotations
 
 import json
+import site
 import subprocess
 import sys
 import textwrap
@@ -143,8 +144,8 @@ def layouts(tmp_path_factory) -> Path:
 
 
 FRESH = textwrap.dedent("""
-    import sys, sysconfig
-    sys.path += [sysconfig.get_paths()[key] for key in ("purelib", "platlib")]
+    import sys
+    sys.path += sys.argv.pop(1).split(":")  # the test's site-packages, without its .pth files
     try:
         import omnidiff
     except ModuleNotFoundError:
@@ -190,7 +191,8 @@ def test_tp2_pp2_export_loads_in_stock_transformers_without_omnidiff(layouts, tm
     torch.save({"input_ids": batch.input_ids, "position_ids": batch.position_ids,
                 "segment_ids": batch.segment_ids}, tmp_path / "batch.pt")
     done = subprocess.run(
-        [sys.executable, "-I", "-S", "-c", FRESH, str(out), str(tmp_path / "batch.pt"),
+        [sys.executable, "-I", "-S", "-c", FRESH, ":".join(site.getsitepackages()), str(out),
+         str(tmp_path / "batch.pt"),
          str(tmp_path / "logits.pt")], cwd=tmp_path, capture_output=True, text=True, timeout=300,
         env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "HF_HOME": str(tmp_path / "hf"),
              "HF_HUB_OFFLINE": "1"})
