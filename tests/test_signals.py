@@ -22,7 +22,7 @@ from omnidiff.monitoring.sinks import read_metrics
 from omnidiff.platform.checkpoint import checkpoint_root, complete_checkpoints
 
 REPO = Path(__file__).resolve().parents[1]
-STEPS = 120
+STEPS = 40
 RUN = ("model.num_layers=2", "data.seq_length=64", "data.image_codebook_size=64",
        "data.speech_codebook_size=64", "data.micro_batch_size=1", "data.global_batch_size=2",
        f"schedule.train_steps={STEPS}", "logging.log_interval=1", "logging.progress_bar=false")
