@@ -35,7 +35,11 @@ GPU_PEAKS: tuple[tuple[str, dict[str, float]], ...] = (
     ("a100", {"bf16": 312e12, "fp16": 312e12, "fp32": 19.5e12}),
 )
 
-CPU_GEMM_SIZE = 4096
+# 2048: large enough for BLAS to reach its sustained rate, small enough that measuring at every
+# run's start costs about a second (compare sizes: python -c "import torch; from
+# omnidiff.monitoring.peaks import measure_gemm_flops as m; print(m(torch.float32, 4096) /
+# m(torch.float32, 2048))")
+CPU_GEMM_SIZE = 2048
 CPU_GEMM_SECONDS = 0.3
 CPU_GEMM_TRIES = 3
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

@@ -32,7 +32,6 @@ from omnidiff.parallel.engines import build_engine
 from omnidiff.parallel.engines.base import TrainEngine
 from omnidiff.platform import checkpoint
 from omnidiff.platform.config import RunConfig, dump_config
-from omnidiff.platform.held_out import HeldOutEvaluation
 from omnidiff.platform.objective import DiffusionObjective
 from omnidiff.platform.stop import StopRequest
 
@@ -70,8 +69,11 @@ class Trainer:
                                     self.dims.dp_rank)
         self.meter = ThroughputMeter(self._peak_flops() * self.dims.world_size)
         self.stop = StopRequest()
-        self.held_out = (HeldOutEvaluation(cfg, self.vocab, tokenizer)
-                         if cfg.evaluation.mixture else None)
+        self.held_out = None
+        if cfg.evaluation.mixture:  # imported here: sampling and media decoding cost seconds
+            from omnidiff.platform.held_out import HeldOutEvaluation
+
+            self.held_out = HeldOutEvaluation(cfg, self.vocab, tokenizer)
 
     def _micro_batches(self, step: int) -> list[NoisedBatch]:
         """This step's micro-batches, made and measured on the host."""
